@@ -1,0 +1,1 @@
+"""PyTorch -> JAX weight converters (python -m convert ...)."""

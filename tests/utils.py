@@ -1,0 +1,18 @@
+"""Helpers shared by the tests."""
+
+import numpy as np
+
+
+def rel_err(out, ref) -> float:
+  """‖out − ref‖ / ‖ref‖ in float64 (the parity metric of DESIGN.md)."""
+  out = np.asarray(out, dtype=np.float64)
+  ref = np.asarray(ref, dtype=np.float64)
+  assert out.shape == ref.shape, f"shape {out.shape} != reference {ref.shape}"
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def to_numpy(t):
+  """torch tensor or array -> float numpy array."""
+  if hasattr(t, "detach"):
+    t = t.detach().float().cpu().numpy()
+  return np.asarray(t)
