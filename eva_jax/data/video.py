@@ -1,0 +1,99 @@
+"""mp4 reading and writing with PyAV (H.264, yuv420p), channels-last uint8 frames [T, H, W, 3]."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from fractions import Fraction
+
+import numpy as np
+
+
+def to_uint8(frames) -> np.ndarray:
+  """uint8 passes through; floats are taken as [-1, 1] (the model's video range)."""
+  frames = np.asarray(frames)
+  if frames.dtype == np.uint8:
+    return frames
+  return np.clip(np.round((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def write_video(path: str | os.PathLike, frames, fps: float = 16, crf: int = 18) -> pathlib.Path:
+  """Writes [T, H, W, 3] frames (uint8, or float in [-1, 1]) as an H.264 mp4, atomically.
+
+  Odd sizes are padded by one pixel (yuv420p needs even sides). The file appears only when complete.
+  """
+  import av
+
+  frames = to_uint8(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"write_video({path}): frames must be [T, H, W, 3], got {frames.shape}")
+  if frames.shape[1] % 2 or frames.shape[2] % 2:
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with av.open(str(tmp), mode="w", format="mp4") as container:
+    stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": str(crf)}
+    for frame in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  os.replace(tmp, path)
+  return path
+
+
+def read_video(path: str | os.PathLike, indices=None) -> tuple[np.ndarray, float]:
+  """Returns (frames uint8 [T, H, W, 3], fps). `indices` selects frames (decoding stops at the last one)."""
+  import av
+
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"video not found: {path}")
+  wanted = None if indices is None else sorted(set(int(i) for i in indices))
+  try:
+    with av.open(str(path)) as container:
+      stream = container.streams.video[0]
+      fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+      frames = []
+      for i, frame in enumerate(container.decode(stream)):
+        if wanted is None or i in wanted:
+          frames.append(frame.to_ndarray(format="rgb24"))
+        if wanted is not None and i >= wanted[-1]:
+          break
+  except Exception as e:  # av raises several error types; name the file
+    raise ValueError(f"cannot decode video {path}: {e}") from e
+  if not frames:
+    raise ValueError(f"video {path} has no decodable frames")
+  out = np.stack(frames)
+  if wanted is not None:
+    if len(out) != len(wanted):
+      raise ValueError(f"video {path}: asked for frames up to {wanted[-1]} but it has {len(out)} of them")
+    order = {f: k for k, f in enumerate(wanted)}
+    out = out[[order[int(i)] for i in indices]]
+  return out, fps
+
+
+def video_info(path: str | os.PathLike) -> dict:
+  """{'n_frames', 'height', 'width', 'fps'} without decoding every frame when the container knows."""
+  import av
+
+  path = pathlib.Path(path)
+  try:
+    with av.open(str(path)) as container:
+      stream = container.streams.video[0]
+      n = stream.frames or sum(1 for _ in container.decode(stream))
+      return {"n_frames": int(n), "height": int(stream.height), "width": int(stream.width),
+              "fps": float(stream.average_rate or stream.guessed_rate or 0.0)}
+  except Exception as e:
+    raise ValueError(f"cannot read video info of {path}: {e}") from e
+
+
+def frame_strip(frames, max_frames: int = 8) -> np.ndarray:
+  """Evenly spaced frames side by side, [H, k*W, 3] uint8 (for PNG reports)."""
+  frames = to_uint8(frames)
+  idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+  return np.concatenate(list(frames[idx]), axis=1)

@@ -1,0 +1,71 @@
+"""Metrics to JSON lines (`metrics.jsonl`) and TensorBoard event files, written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+def _scalar(v) -> float:
+  v = np.asarray(jax.device_get(v))
+  if v.size != 1:
+    raise ValueError(f"metric values must be scalars, got shape {v.shape}")
+  return float(v.reshape(()))
+
+
+class MetricWriter:
+  """`writer.write(step, {'loss': 0.1})` appends one JSON line and a TensorBoard scalar per key."""
+
+  def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool = True):
+    self.run_dir = pathlib.Path(run_dir)
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+    if not self.enabled:
+      return
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # lazy: only a writer needs it
+      self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, object]) -> dict:
+    values = {k: _scalar(v) for k, v in metrics.items()}
+    if self.enabled:
+      record = {"step": int(step), "time": time.time(), **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
+      self._file.write(json.dumps(record) + "\n")
+      if self._tb is not None:
+        for k, v in values.items():
+          self._tb.add_scalar(k, v, int(step))
+    return values
+
+  def flush(self):
+    if self.enabled:
+      self._file.flush()
+      if self._tb is not None:
+        self._tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+  """Reads a metrics.jsonl file back (for reports and tests)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,43 @@
+"""Run directories `outputs/<date>/<time>/`, as the original EVA (hydra) lays them out."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+from typing import Any
+
+
+def make_run_dir(root: str | pathlib.Path = "outputs", now: datetime.datetime | None = None) -> pathlib.Path:
+  """Creates and returns a fresh `<root>/<YYYY-MM-DD>/<HH-MM-SS>[-N]/` directory."""
+  now = now or datetime.datetime.now()
+  base = pathlib.Path(root) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+  path, n = base, 1
+  while True:
+    try:
+      path.mkdir(parents=True, exist_ok=False)
+      return path
+    except FileExistsError:  # two runs started within the same second
+      path = base.with_name(f"{base.name}-{n}")
+      n += 1
+
+
+def _jsonable(x: Any):
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+    return x.item()
+  return str(x)
+
+
+def save_config(run_dir: str | pathlib.Path, config) -> pathlib.Path:
+  """Writes the resolved config as `config.json` (ConfigDict, dataclass-like or dict)."""
+  path = pathlib.Path(run_dir) / "config.json"
+  path.write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
+  return path

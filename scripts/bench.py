@@ -1,0 +1,123 @@
+"""Benchmarks of eva_jax against the PyTorch reference, measured in the same process.
+
+  python scripts/bench.py dit-block --size tiny
+  python scripts/bench.py vae --size eva
+  python scripts/bench.py all --size tiny            # every subcommand
+  python scripts/bench.py --device-check             # the prepared GPU run (< 8 min on one GPU)
+
+Each subcommand lives in scripts/benches/<module>.py as `run(size, args) -> dict`. Results are printed
+as a table and written as JSON under outputs/<date>/<time>/bench/. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import pathlib
+import platform
+import sys
+import traceback
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# subcommand -> (module in scripts/benches, extra keyword passed as args.what)
+SUBCOMMANDS = {
+    "dit-block": ("dit", "block"),
+    "dit": ("dit", "model"),
+    "vae": ("vae", None),
+    "idm": ("idm", None),
+    "encoders": ("encoders", None),
+    "sampler": ("sampler", None),
+    "sft-step": ("sft", None),
+    "grpo-step": ("grpo", None),
+    "convert": ("convert", None),
+    "compile": ("compile", None),
+}
+SIZES = ("tiny", "eva", "wan", "custom")
+
+
+def machine_info() -> dict:
+  import jax
+  dev = jax.devices()[0]
+  info = {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
+          "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+          "jax": jax.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+  try:
+    import flax
+    info["flax"] = flax.__version__
+  except ImportError:
+    pass
+  try:
+    import torch
+    info["torch"] = torch.__version__
+  except ImportError:
+    info["torch"] = None
+  return info
+
+
+def run_one(name: str, size: str, args) -> dict:
+  module_name, what = SUBCOMMANDS[name]
+  try:
+    module = importlib.import_module(f"scripts.benches.{module_name}")
+  except ModuleNotFoundError as e:
+    if e.name == f"scripts.benches.{module_name}":
+      return {"name": name, "size": size, "error": f"benchmark module scripts/benches/{module_name}.py not present"}
+    raise
+  args.what = what
+  try:
+    result = module.run(size, args)
+  except Exception as e:  # one failing bench must not hide the others
+    traceback.print_exc()
+    return {"name": name, "size": size, "error": f"{type(e).__name__}: {e}"}
+  return {"name": name, "size": size, **result}
+
+
+def format_table(results: list[dict]) -> str:
+  rows = [("bench", "size", "jax s", "ref s", "jax/ref", "rel err", "note")]
+  for r in results:
+    jax_s = r.get("jax", {}).get("median_s") if isinstance(r.get("jax"), dict) else None
+    ref_s = r.get("reference", {}).get("median_s") if isinstance(r.get("reference"), dict) else None
+    ratio = f"{jax_s / ref_s:.2f}" if jax_s and ref_s else ""
+    rel = r.get("rel_err")
+    rows.append((r["name"], r["size"], f"{jax_s:.4g}" if jax_s else "", f"{ref_s:.4g}" if ref_s else "", ratio,
+                 f"{rel:.2e}" if isinstance(rel, float) else "", r.get("error", r.get("note", ""))[:60]))
+  widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("command", nargs="?", default="all", choices=sorted(SUBCOMMANDS) + ["all"])
+  parser.add_argument("--size", default="tiny", choices=SIZES)
+  parser.add_argument("--frames", type=int, default=None, help="custom size: pixel frames (1+4k)")
+  parser.add_argument("--height", type=int, default=None)
+  parser.add_argument("--width", type=int, default=None)
+  parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
+  parser.add_argument("--device-check", action="store_true", help="the prepared one-GPU run")
+  parser.add_argument("--out", default=None, help="output directory (default outputs/<date>/<time>/bench)")
+  args = parser.parse_args(argv)
+
+  if args.device_check:
+    from scripts.benches import device_check
+    results = device_check.run(args)
+  else:
+    names = sorted(SUBCOMMANDS) if args.command == "all" else [args.command]
+    results = [run_one(n, args.size, args) for n in names]
+
+  from eva_jax.utils.rundir import make_run_dir
+  out = pathlib.Path(args.out) if args.out else make_run_dir() / "bench"
+  out.mkdir(parents=True, exist_ok=True)
+  payload = {"machine": machine_info(), "results": results}
+  (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+  print(format_table(results))
+  print(f"\nJSON: {out / 'results.json'}")
+  return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
