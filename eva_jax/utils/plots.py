@@ -104,16 +104,17 @@ def plot_bars(path: str | os.PathLike, groups: Mapping[str, Mapping[str, float]]
               ylabel: str = "", log: bool = False) -> Path:
   """Grouped bars: {'before': {'jerk': 1.0, ...}, 'after': {...}} (e.g. per-term penalties)."""
   keys = list(dict.fromkeys(k for g in groups.values() for k in g))
-  fig = _figure(max(4.0, 1.0 + 0.8 * len(keys) * max(len(groups), 1)), 3.4)
+  fig = _figure(max(5.5, 1.0 + 0.6 * len(keys) * max(len(groups), 1)), 3.4)
   ax = fig.add_subplot()
   width = 0.8 / max(len(groups), 1)
   for j, (name, g) in enumerate(groups.items()):
     x = np.arange(len(keys)) + (j - (len(groups) - 1) / 2) * width
     ax.bar(x, [float(g.get(k, np.nan)) for k in keys], width, label=name)
-  ax.set_xticks(np.arange(len(keys)), keys)
+  ax.set_xticks(np.arange(len(keys)), keys, rotation=45 if len(keys) > 6 else 0, fontsize=8)
   if log:
     ax.set_yscale("log")
-  ax.set(title=title, ylabel=ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.set_ylabel(ylabel)
   if len(groups) > 1:
     ax.legend(fontsize=8)
   return _save(fig, path)

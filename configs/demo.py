@@ -1,0 +1,47 @@
+"""The built-in end-to-end demo on the procedural toy world (`make demo`).
+
+  python scripts/demo.py                                   # full demo, ≤ 15 min on 2 CPU cores
+  python scripts/demo.py --config=configs/demo.py:short    # the CI-sized run (a minute or two)
+  python scripts/demo.py --config.short=True --config.seed=1 --workdir=outputs/demo
+
+Stages: toy data → IDM (configs/idm.py:tiny) → SFT world model (configs/sft.py:tiny) → Flow-GRPO with
+the IDM reward (configs/grpo.py:tiny) → report. Each stage runs the real trainer with its tiny config;
+the fields below only size the run. `short` swaps in the `shortened` values (also when set from the
+command line, so `--config.short=True` works).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = parse_arg(arg, short=False, seed=0)
+  c = ml_collections.ConfigDict()
+  c.seed = arg.seed
+  c.short = arg.short
+
+  # Toy data (eva_jax.data.toyworld.generate_dataset): 64 px, 33 frames (1 + 4·8) at 16 fps.
+  c.data = ml_collections.ConfigDict(dict(
+      num_episodes=96, size=64, n_frames=33, smooth_fraction=0.5, val_fraction=0.125))
+
+  # Stage sizes: steps and batch sizes handed to each trainer's tiny config.
+  c.idm = ml_collections.ConfigDict(dict(num_steps=600, batch_size=32, learning_rate=1e-3))
+  c.sft = ml_collections.ConfigDict(dict(num_steps=400, batch_size=8, learning_rate=1e-3))
+  c.grpo = ml_collections.ConfigDict(dict(num_iterations=24, group_size=8, num_prompts=1,
+                                          num_sampling_steps=10, learning_rate=1e-3))
+
+  # Report: how many sampled videos to show before/after alignment, frames per strip.
+  c.report = ml_collections.ConfigDict(dict(num_samples=4, max_frames=9, gif_scale=3))
+
+  # The CI-sized run (tests/test_demo.py): same stages, a few steps each, tiny frames.
+  c.shortened = ml_collections.ConfigDict(dict(
+      data=dict(num_episodes=8, size=32, n_frames=17),
+      idm=dict(num_steps=20, batch_size=8),
+      sft=dict(num_steps=10, batch_size=2),
+      grpo=dict(num_iterations=4, group_size=4, num_sampling_steps=4),
+      report=dict(num_samples=2, max_frames=5, gif_scale=2),
+  ))
+  return c

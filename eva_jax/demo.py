@@ -1,0 +1,405 @@
+"""The built-in end-to-end EVA demo on the procedural toy world: `run_demo(config, workdir)`.
+
+Stages, each one the real library entry point with its tiny config (configs/demo.py sizes them):
+  1. data    eva_jax.data.toyworld.generate_dataset: a RoboTwin data root + robotwin_videos.csv
+  2. idm     eva_jax.training.idm.train_and_evaluate (configs/idm.py:tiny); joint MAE vs a constant
+  3. sft     eva_jax.training.sft.train_and_evaluate (configs/sft.py:tiny): the I2V world model
+  4. grpo    eva_jax.training.grpo.train_and_evaluate (configs/grpo.py:tiny) with the IDM reward
+  5. report  PNGs, videos, summary.md / summary.json under workdir (outputs/<date>/<time>/)
+
+A stage whose module is not in this checkout yet is reported as `unavailable` (never faked), and the
+stages that need it as `skipped`; a stage that raises is `failed`, its traceback is saved under
+logs/, and `run_demo` raises after the report is written. Everything that couples the demo to the
+stage trainers (which config fields it sets, where it reads their results) is in the section
+"MARK: stage wiring", so a change of a trainer's config needs an edit there only.
+
+  python scripts/demo.py                       # or: make demo
+  python scripts/demo.py --config.short=True   # CI-sized
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from eva_jax.data import toyworld
+from eva_jax.utils import plots
+
+STAGE_NAMES = ("data", "idm", "sft", "grpo")
+
+
+class StageUnavailable(Exception):
+  """The stage's trainer (or an API the demo needs from it) is not in this checkout yet."""
+
+
+@dataclasses.dataclass
+class StageResult:
+  name: str
+  status: str = "pending"       # done | unavailable | skipped | failed
+  detail: str = ""
+  seconds: float = 0.0
+  metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+  outputs: dict[str, Any] = dataclasses.field(default_factory=dict)   # arrays for the report
+
+  def to_json(self) -> dict[str, Any]:
+    return {"status": self.status, "detail": self.detail, "seconds": round(self.seconds, 2),
+            "metrics": self.metrics}
+
+
+@dataclasses.dataclass
+class DemoContext:
+  config: ml_collections.ConfigDict
+  workdir: Path
+  results: dict[str, StageResult]
+
+  @property
+  def data_root(self) -> Path:
+    return self.workdir / "data"
+
+  def stage_dir(self, name: str) -> Path:
+    return self.workdir / name
+
+
+# MARK: config
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of config with the `shortened` sizes merged in when `config.short` is set."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  if out.get("short"):
+    for section, values in out.shortened.items():
+      for key, value in values.items():
+        if key not in out[section]:
+          raise KeyError(f"configs/demo.py: shortened.{section}.{key} has no counterpart "
+                         f"{section}.{key}; known: {sorted(out[section])}")
+        out[section][key] = value
+  return out
+
+
+def _stage_config(stage: str, variant: str = "tiny") -> ml_collections.ConfigDict:
+  """configs/<stage>.py:<variant>, unlocked so the demo can size it."""
+  module = _require(f"configs.{stage}", "get_config")
+  cfg = module.get_config(variant)
+  return ml_collections.ConfigDict(cfg.to_dict()) if hasattr(cfg, "to_dict") else cfg
+
+
+def _override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any], where: str):
+  """Sets dotted fields that must already exist, so a renamed field is a clear error."""
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for i, part in enumerate(parents):
+      if part not in node:
+        raise KeyError(f"demo: {where} has no field {'.'.join(parents[:i + 1])!r} (setting {key!r})")
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"demo: {where} has no field {key!r}; fields there: {sorted(node)}")
+    node[leaf] = value
+  return cfg
+
+
+def _require(module: str, attr: str):
+  """Imports module and checks it has attr; missing pieces raise StageUnavailable."""
+  try:
+    mod = importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name and (module == e.name or module.startswith(e.name + ".")):
+      raise StageUnavailable(f"{module} is not in this checkout yet") from None
+    raise
+  if not hasattr(mod, attr):
+    raise StageUnavailable(f"{module}.{attr} is not in this checkout yet")
+  return mod
+
+
+# MARK: stages
+
+
+def stage_data(ctx: DemoContext) -> StageResult:
+  """Writes the toy RoboTwin root and measures EVA's reward on the true joint trajectories."""
+  from eva_jax.data import robotwin
+  from eva_jax.rl.reward import smoothness_reward
+
+  c = ctx.config.data
+  summary = toyworld.generate_dataset(
+      ctx.data_root, c.num_episodes, seed=ctx.config.seed, size=c.size, n_frames=c.n_frames,
+      smooth_fraction=c.smooth_fraction, val_fraction=c.val_fraction)
+  joints, frames = [], []
+  for ep in summary["episodes"]:
+    f, a = robotwin.read_episode(str(ctx.data_root / ep["hdf5"]), camera="head_camera")
+    frames.append(f)
+    joints.append(a)
+  joints = np.stack(joints).astype(np.float32)  # [N, T, 14]
+  rewards = np.asarray(smoothness_reward(joints, fps=summary["fps"]))  # [N]
+  smooth = np.array([ep["smooth"] for ep in summary["episodes"]])
+  kinds = np.array([ep["kind"] for ep in summary["episodes"]])
+  metrics = {"num_episodes": len(smooth), "num_smooth": int(smooth.sum()),
+             "num_validation": sum(ep["split"] == "validation" for ep in summary["episodes"]),
+             "true_reward_smooth": float(rewards[smooth].mean()) if smooth.any() else None,
+             "true_reward_non_smooth": float(rewards[~smooth].mean()) if (~smooth).any() else None}
+  for k in toyworld.KINDS:
+    if (kinds == k).any():
+      metrics[f"true_reward_{k}"] = float(rewards[kinds == k].mean())
+  outputs = {"summary": summary, "joints": joints, "frames": np.stack(frames), "smooth": smooth,
+             "kinds": kinds, "rewards": rewards}
+  return StageResult("data", "done", f"{len(smooth)} episodes under {ctx.data_root}", metrics=metrics,
+                     outputs=outputs)
+
+
+def constant_predictor_mae(train_joints: np.ndarray, eval_joints: np.ndarray) -> np.ndarray:
+  """Per-joint MAE of always predicting the training mean pose: the bar an IDM must clear. [14]"""
+  mean = train_joints.reshape(-1, train_joints.shape[-1]).mean(0)
+  return np.abs(eval_joints.reshape(-1, eval_joints.shape[-1]) - mean).mean(0)
+
+
+# MARK: stage wiring  (the only place that knows the trainers' config fields and outputs)
+
+
+def _idm_overrides(ctx: DemoContext) -> dict[str, Any]:
+  c = ctx.config.idm
+  return {"data.root": str(ctx.data_root), "seed": ctx.config.seed,
+          "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
+          "optimizer.learning_rate": c.learning_rate}
+
+
+def _sft_overrides(ctx: DemoContext) -> dict[str, Any]:
+  c = ctx.config.sft
+  return {"data.data_root": str(ctx.data_root), "data.metadata_path": toyworld.CSV_NAME,
+          "seed": ctx.config.seed, "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
+          "optimizer.learning_rate": c.learning_rate}
+
+
+def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
+  c = ctx.config.grpo
+  return {"data.data_root": str(ctx.data_root), "data.metadata_path": toyworld.CSV_NAME,
+          "seed": ctx.config.seed, "reward.idm_checkpoint": str(ctx.stage_dir("idm") / "checkpoints"),
+          "model.init_checkpoint": str(ctx.stage_dir("sft") / "checkpoints"),
+          "train.num_iterations": c.num_iterations, "sample.group_size": c.group_size,
+          "sample.num_steps": c.num_sampling_steps, "optimizer.learning_rate": c.learning_rate}
+
+
+# Keys of the GRPO trainer's metrics.jsonl that the reward curve reads.
+GRPO_REWARD_MEAN, GRPO_REWARD_STD = "reward_mean", "reward_std"
+
+
+def stage_idm(ctx: DemoContext) -> StageResult:
+  trainer = _require("eva_jax.training.idm", "train_and_evaluate")
+  cfg = _override(_stage_config("idm"), _idm_overrides(ctx), "configs/idm.py:tiny")
+  trainer.train_and_evaluate(cfg, str(ctx.stage_dir("idm")))
+  # Joint MAE on the validation episodes, against the constant (training-mean) predictor.
+  data = ctx.results["data"].outputs
+  val = np.array([ep["split"] == "validation" for ep in data["summary"]["episodes"]])
+  pred = _idm_predict(ctx, cfg, data["frames"][val])  # [Nv, T, 14]
+  true = data["joints"][val]
+  mae = np.abs(pred - true).reshape(-1, 14).mean(0)
+  const = constant_predictor_mae(data["joints"][~val], true)
+  metrics = {"val_joint_mae": float(mae.mean()), "constant_predictor_mae": float(const.mean()),
+             "per_joint_mae": [float(x) for x in mae],
+             "per_joint_constant_mae": [float(x) for x in const]}
+  return StageResult("idm", "done", "IDM trained on the toy episodes", metrics=metrics,
+                     outputs={"pred": pred, "true": true, "val_frames": data["frames"][val]})
+
+
+def _idm_predict(ctx: DemoContext, cfg, frames: np.ndarray) -> np.ndarray:
+  """IDM actions [B, T, 14] for uint8 videos [B, T, H, W, 3], from the trained checkpoint."""
+  train_mod = _require("eva_jax.training.idm", "load_idm")
+  idm_mod = _require("eva_jax.models.idm", "actions_from_video")
+  idm = train_mod.load_idm(cfg, str(ctx.stage_dir("idm")))
+  video = frames.astype(np.float32) / 255.0
+  return np.asarray(idm_mod.actions_from_video(idm, video))
+
+
+def stage_sft(ctx: DemoContext) -> StageResult:
+  trainer = _require("eva_jax.training.sft", "train_and_evaluate")
+  cfg = _override(_stage_config("sft"), _sft_overrides(ctx), "configs/sft.py:tiny")
+  trainer.train_and_evaluate(cfg, str(ctx.stage_dir("sft")))
+  return StageResult("sft", "done", "world model fine-tuned on the toy videos")
+
+
+def stage_grpo(ctx: DemoContext) -> StageResult:
+  trainer = _require("eva_jax.training.grpo", "train_and_evaluate")
+  from eva_jax.utils.metrics import read_metrics
+
+  cfg = _override(_stage_config("grpo"), _grpo_overrides(ctx), "configs/grpo.py:tiny")
+  trainer.train_and_evaluate(cfg, str(ctx.stage_dir("grpo")))
+  records = [r for r in read_metrics(ctx.stage_dir("grpo")) if GRPO_REWARD_MEAN in r]
+  if not records:
+    raise ValueError(f"{ctx.stage_dir('grpo')}/metrics.jsonl has no {GRPO_REWARD_MEAN!r} records")
+  steps = np.array([r["step"] for r in records])
+  mean = np.array([float(r[GRPO_REWARD_MEAN]) for r in records])
+  std = np.array([float(r.get(GRPO_REWARD_STD, 0.0)) for r in records])
+  k = max(1, len(mean) // 4)  # compare the first and last quarters, not single noisy iterations
+  metrics = {"reward_first": float(mean[:k].mean()), "reward_last": float(mean[-k:].mean()),
+             "iterations": len(mean)}
+  return StageResult("grpo", "done", "Flow-GRPO with the IDM smoothness reward", metrics=metrics,
+                     outputs={"steps": steps, "reward_mean": mean, "reward_std": std})
+
+
+STAGES: tuple[tuple[str, Callable[[DemoContext], StageResult], tuple[str, ...]], ...] = (
+    ("data", stage_data, ()),
+    ("idm", stage_idm, ("data",)),
+    ("sft", stage_sft, ("data",)),
+    ("grpo", stage_grpo, ("idm", "sft")),
+)
+
+
+# MARK: driver
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Runs every stage that exists in this checkout, writes the report, returns summary.json's dict.
+
+  Raises RuntimeError (after writing the report) when a stage failed.
+  """
+  from eva_jax.utils.rundir import save_config
+
+  config = resolve_config(config)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  save_config(workdir, config)
+  ctx = DemoContext(config, workdir, {})
+  for name, fn, needs in STAGES:
+    missing = [n for n in needs if ctx.results[n].status != "done"]
+    if missing:
+      ctx.results[name] = StageResult(name, "skipped", f"needs stage(s) {missing}")
+      _log(f"[{name}] skipped: needs {missing}")
+      continue
+    _log(f"[{name}] running ...")
+    t0 = time.perf_counter()
+    try:
+      result = fn(ctx)
+    except StageUnavailable as e:
+      result = StageResult(name, "unavailable", str(e))
+    except Exception as e:  # noqa: BLE001  the report must still be written
+      log = workdir / "logs" / f"{name}.txt"
+      log.parent.mkdir(parents=True, exist_ok=True)
+      log.write_text(traceback.format_exc())
+      result = StageResult(name, "failed", f"{type(e).__name__}: {e} (traceback in {log})")
+    result.seconds = time.perf_counter() - t0
+    ctx.results[name] = result
+    _log(f"[{name}] {result.status} in {result.seconds:.1f} s: {result.detail}")
+  summary = write_report(ctx)
+  failed = [n for n, r in ctx.results.items() if r.status == "failed"]
+  if failed:
+    raise RuntimeError(f"demo stage(s) {failed} failed; see {workdir / 'summary.md'} and logs/")
+  return summary
+
+
+def _log(msg: str) -> None:
+  print(f"demo: {msg}", flush=True)
+
+
+# MARK: report
+
+
+def write_report(ctx: DemoContext) -> dict[str, Any]:
+  """Plots, videos and the summary table of whatever stages ran; returns the summary dict."""
+  wd, cfg = ctx.workdir, ctx.config
+  files: list[Path] = []
+  res = ctx.results
+  fps = toyworld.FPS
+
+  if _done(res, "data"):
+    out = res["data"].outputs
+    eps = out["summary"]["episodes"]
+    i_s = int(np.flatnonzero(out["smooth"])[0]) if out["smooth"].any() else None
+    i_r = int(np.flatnonzero(~out["smooth"])[0]) if (~out["smooth"]).any() else None
+    picks = [i for i in (i_s, i_r) if i is not None]
+    label = {i: f"{eps[i]['kind']}: {eps[i]['caption']}  EVA reward {out['rewards'][i]:.2f}"
+             for i in picks}
+    files.append(plots.save_frame_strips(wd / "plots" / "toy_episodes.png",
+                                         {label[i]: out["frames"][i] for i in picks},
+                                         max_frames=cfg.report.max_frames, scale=3, fps=fps))
+    files.append(plots.plot_joint_trajectories(
+        wd / "plots" / "toy_joints.png", {eps[i]["kind"]: out["joints"][i] for i in picks}, fps=fps,
+        title="True joint trajectories of two toy episodes"))
+    kind_means = {k: v for k, v in res["data"].metrics.items()
+                  if k.startswith("true_reward_") and k[12:] in toyworld.KINDS}
+    files.append(plots.plot_bars(wd / "plots" / "toy_rewards.png",
+                                 {"mean EVA reward of the true joints": {k[12:]: v for k, v in kind_means.items()}},
+                                 title="EVA reward of the true toy trajectories",
+                                 ylabel="reward (max 10)"))
+    for i in picks:
+      files += _write_clip(wd / "videos" / f"toy_{eps[i]['kind']}", out["frames"][i], cfg.report.gif_scale)
+
+  if _done(res, "idm"):
+    out, m = res["idm"].outputs, res["idm"].metrics
+    files.append(plots.plot_joint_trajectories(
+        wd / "plots" / "idm_val_joints.png", {"true": out["true"][0], "IDM": out["pred"][0]}, fps=fps,
+        title=f"IDM on a validation episode (joint MAE {m['val_joint_mae']:.3f} rad, "
+              f"constant predictor {m['constant_predictor_mae']:.3f})"))
+    names = plots.JOINT_NAMES
+    files.append(plots.plot_bars(
+        wd / "plots" / "idm_mae.png",
+        {"IDM": dict(zip(names, m["per_joint_mae"])),
+         "constant predictor": dict(zip(names, m["per_joint_constant_mae"]))},
+        title="Validation joint MAE per joint", ylabel="MAE"))
+
+  if _done(res, "grpo"):
+    out, m = res["grpo"].outputs, res["grpo"].metrics
+    files.append(plots.plot_curves(
+        wd / "plots" / "reward_curve.png", {"GRPO rollouts": (out["steps"], out["reward_mean"])},
+        bands={"GRPO rollouts": out["reward_std"]}, hlines={"first-quarter mean": m["reward_first"]},
+        title="IDM smoothness reward during Flow-GRPO", xlabel="iteration", ylabel="reward"))
+    if "videos_before" in out and "videos_after" in out:
+      n = cfg.report.num_samples
+      videos = {}
+      for tag in ("before", "after"):
+        for j, v in enumerate(out[f"videos_{tag}"][:n]):
+          videos[f"{tag} alignment, sample {j}"] = v
+          files += _write_clip(wd / "videos" / f"{tag}_{j}", v, cfg.report.gif_scale)
+      files.append(plots.save_frame_strips(wd / "plots" / "before_after.png", videos,
+                                           max_frames=cfg.report.max_frames, scale=3, fps=fps))
+      files.append(plots.plot_joint_trajectories(
+          wd / "plots" / "before_after_joints.png",
+          {"before": out["actions_before"][0], "after": out["actions_after"][0]}, fps=fps,
+          title="IDM-predicted joints of sample 0 before and after alignment"))
+
+  summary = {"workdir": str(wd), "seed": cfg.seed, "short": bool(cfg.short),
+             "stages": {n: r.to_json() for n, r in res.items()},
+             "files": sorted(str(f.relative_to(wd)) for f in files)}
+  (wd / "summary.json").write_text(json.dumps(summary, indent=2))
+  (wd / "summary.md").write_text(_summary_markdown(summary))
+  return summary
+
+
+def _done(res: dict[str, StageResult], name: str) -> bool:
+  return name in res and res[name].status == "done"
+
+
+def _write_clip(stem: Path, frames: np.ndarray, gif_scale: int) -> list[Path]:
+  from eva_jax.data import video
+  return [video.write_video(stem.with_suffix(".mp4"), frames, fps=toyworld.FPS),
+          plots.save_gif(stem.with_suffix(".gif"), frames, fps=toyworld.FPS, scale=gif_scale)]
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if isinstance(v, list):
+    return "[" + ", ".join(_fmt(x) for x in v[:14]) + "]"
+  return str(v)
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+  lines = [f"# EVA demo on the toy world (seed {summary['seed']}"
+           + (", shortened run)" if summary["short"] else ")"), "",
+           "| stage | status | time (s) | result |", "|---|---|---|---|"]
+  for name, r in summary["stages"].items():
+    shown = {k: v for k, v in r["metrics"].items() if not isinstance(v, list)}
+    result = ", ".join(f"{k} = {_fmt(v)}" for k, v in shown.items()) or r["detail"]
+    lines.append(f"| {name} | {r['status']} | {r['seconds']:.1f} | {result} |")
+  not_run = [n for n, r in summary["stages"].items() if r["status"] != "done"]
+  if not_run:
+    lines += ["", "Not run in this checkout (nothing is faked):"]
+    lines += [f"- **{n}** ({summary['stages'][n]['status']}): {summary['stages'][n]['detail']}"
+              for n in not_run]
+  lines += ["", "## Files", ""] + [f"- [{f}]({f})" for f in summary["files"]]
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,29 @@
+"""The built-in end-to-end EVA demo on the procedural toy world (`make demo`).
+
+  python scripts/demo.py                                    # writes outputs/<date>/<time>/
+  python scripts/demo.py --config.short=True                # the CI-sized run
+  python scripts/demo.py --config.seed=1 --workdir=outputs/my_demo
+
+Stages and sizes: configs/demo.py; the work is done by eva_jax.demo.run_demo.
+"""
+
+import _common  # noqa: F401  (repo root on sys.path)
+from _common import config_flag, run
+from absl import flags
+
+from eva_jax.demo import run_demo
+from eva_jax.utils.rundir import make_run_dir
+
+_CONFIG = config_flag("configs/demo.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (default: a new outputs/<date>/<time>/)")
+
+
+def main(argv):
+  del argv
+  workdir = _WORKDIR.value or make_run_dir("outputs")
+  summary = run_demo(_CONFIG.value, workdir)
+  print(f"demo: report in {summary['workdir']}/summary.md")
+
+
+if __name__ == "__main__":
+  run(main)

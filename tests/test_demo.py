@@ -1,0 +1,140 @@
+"""The built-in demo: config resolution, stage bookkeeping, and a shortened end-to-end run.
+
+The shortened run executes every stage whose trainer is in the checkout. A stage may be reported
+as not run only when its trainer module truly does not exist (checked here with find_spec), so as
+soon as a trainer lands, this test requires the demo to run it and to produce its report files.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo as demo_config
+from eva_jax import demo
+from eva_jax.data import video
+
+# The module each stage needs; a stage may be skipped only if one of these is absent.
+STAGE_MODULES = {"idm": ("eva_jax.training.idm", "configs.idm"),
+                 "sft": ("eva_jax.training.sft", "configs.sft"),
+                 "grpo": ("eva_jax.training.grpo", "configs.grpo")}
+STAGE_NEEDS = {"idm": ("data",), "sft": ("data",), "grpo": ("idm", "sft")}
+
+
+def _exists(module: str) -> bool:
+  return importlib.util.find_spec(module) is not None
+
+
+def test_short_flag_swaps_in_the_shortened_sizes():
+  full = demo.resolve_config(demo_config.get_config())
+  assert full.data.num_episodes == 96 and full.idm.num_steps == 600
+  cfg = demo_config.get_config()
+  cfg.short = True  # what --config.short=True does
+  short = demo.resolve_config(cfg)
+  assert (short.data.num_episodes, short.data.size, short.idm.num_steps) == (8, 32, 20)
+  assert short.data.smooth_fraction == full.data.smooth_fraction  # untouched fields kept
+  assert demo.resolve_config(demo_config.get_config("short")).data.size == 32
+  bad = demo_config.get_config("short")
+  bad.shortened.data.num_episodez = 3
+  with pytest.raises(KeyError, match="num_episodez"):
+    demo.resolve_config(bad)
+
+
+def test_override_names_the_missing_field():
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"train": {"num_steps": 1}})
+  demo._override(cfg, {"train.num_steps": 5}, "configs/x.py:tiny")
+  assert cfg.train.num_steps == 5
+  with pytest.raises(KeyError, match=r"configs/x.py:tiny has no field 'train.num_stepz'"):
+    demo._override(cfg, {"train.num_stepz": 5}, "configs/x.py:tiny")
+  with pytest.raises(KeyError, match=r"no field 'optim'"):
+    demo._override(cfg, {"optim.lr": 5}, "configs/x.py:tiny")
+
+
+def test_constant_predictor_mae():
+  train = np.zeros((2, 5, 14))
+  train[1] = 2.0  # mean pose 1.0
+  evals = np.full((1, 3, 14), 4.0)
+  np.testing.assert_allclose(demo.constant_predictor_mae(train, evals), np.full(14, 3.0))
+
+
+def test_failed_and_unavailable_stages_are_reported_not_faked(tmp_path, monkeypatch):
+  def boom(ctx):
+    raise ValueError("bad toy")
+
+  def missing(ctx):
+    raise demo.StageUnavailable("eva_jax.training.nothing is not in this checkout yet")
+
+  stages = (("data", boom, ()), ("idm", missing, ()), ("grpo", missing, ("data", "idm")))
+  monkeypatch.setattr(demo, "STAGES", stages)
+  with pytest.raises(RuntimeError, match=r"\['data'\] failed"):
+    demo.run_demo(demo_config.get_config("short"), tmp_path)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  st = summary["stages"]
+  assert st["data"]["status"] == "failed" and "bad toy" in st["data"]["detail"]
+  assert "ValueError: bad toy" in (tmp_path / "logs" / "data.txt").read_text()
+  assert st["idm"]["status"] == "unavailable"
+  assert st["grpo"]["status"] == "skipped" and "data" in st["grpo"]["detail"]
+  md = (tmp_path / "summary.md").read_text()
+  assert "| data | failed |" in md and "nothing is faked" in md
+  assert json.loads((tmp_path / "config.json").read_text())["short"] is True
+
+
+def _check_png(path):
+  with Image.open(path) as im:
+    im.verify()
+  with Image.open(path) as im:
+    assert im.size[0] > 100 and im.size[1] > 50
+
+
+def test_shortened_demo_run(tmp_path):
+  summary = demo.run_demo(demo_config.get_config("short"), tmp_path)
+  st = summary["stages"]
+  assert list(st) == ["data", "idm", "sft", "grpo"]
+  assert json.loads((tmp_path / "summary.json").read_text()) == summary
+  md = (tmp_path / "summary.md").read_text()
+  for name in st:
+    assert f"| {name} | {st[name]['status']} |" in md
+
+  # Stage 1 always runs: 8 episodes, the toy data's true trajectories score as designed.
+  m = st["data"]["metrics"]
+  assert st["data"]["status"] == "done"
+  assert (m["num_episodes"], m["num_smooth"], m["num_validation"]) == (8, 4, 1)
+  assert m["true_reward_smooth"] > 9.9 > 8.0 > m["true_reward_non_smooth"]
+  assert (tmp_path / "data" / "robotwin_videos.csv").is_file()
+
+  # Stages 2-4 run whenever their trainers exist; otherwise the reason must be true.
+  for name, modules in STAGE_MODULES.items():
+    needs_done = all(st[n]["status"] == "done" for n in STAGE_NEEDS[name])
+    if all(_exists(mod) for mod in modules) and needs_done:
+      assert st[name]["status"] == "done", (name, st[name])
+    elif not needs_done:
+      assert st[name]["status"] == "skipped", (name, st[name])
+    else:
+      assert st[name]["status"] == "unavailable", (name, st[name])
+      assert any(not _exists(mod) for mod in modules)
+
+  # Every listed file exists and is well-formed.
+  files = summary["files"]
+  expected = {"plots/toy_episodes.png", "plots/toy_joints.png", "plots/toy_rewards.png",
+              "videos/toy_smooth.mp4", "videos/toy_smooth.gif"}
+  if st["idm"]["status"] == "done":
+    expected |= {"plots/idm_val_joints.png", "plots/idm_mae.png"}
+    # The IDM trained on toy data beats always predicting the mean pose.
+    assert st["idm"]["metrics"]["val_joint_mae"] < st["idm"]["metrics"]["constant_predictor_mae"]
+  if st["grpo"]["status"] == "done":
+    expected |= {"plots/reward_curve.png"}
+  assert expected <= set(files), expected - set(files)
+  for f in files:
+    path = tmp_path / f
+    assert path.is_file() and path.stat().st_size > 0, f
+    if f.endswith(".png"):
+      _check_png(path)
+    elif f.endswith(".mp4"):
+      info = video.video_info(path)
+      assert (info["height"], info["width"], info["n_frames"]) == (32, 32, 17)
+    elif f.endswith(".gif"):
+      with Image.open(path) as im:
+        assert im.n_frames == 17 and im.size == (64, 64)  # gif_scale 2
