@@ -1,0 +1,133 @@
+"""Planning with the world model: observation + instruction in, video and executable joint trajectory out.
+
+  first frame ──► I2V sampler (dual guidance) ──► video [T, H, W, 3] ──► IDM ──► actions [T, 14]
+                                                                          └─► smoothness terms (reject if unexecutable)
+
+Long-horizon instructions are split on `<sep>`: segment i+1 is generated from the last frame of
+segment i (one frame of sliding history, as EVA's test mode), and the segments are concatenated.
+Segment 0 contributes all its T frames; each later one contributes its T−1 new frames.
+
+`Planner` works on batches so that the service can group concurrent requests into one sampler call.
+The two model functions are injected (`generate`, `actions`), which keeps this file independent of how
+the models were built: `build_planner(config)` wires the real DiT/VAE/CLIP/umT5 sampler and the IDM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from eva_jax.rl import reward as reward_lib
+
+SEGMENT_SEP = "<sep>"
+
+# generate(first_frames uint8 [B, H, W, 3], prompts [B], options) -> videos uint8 [B, T, H, W, 3]
+GenerateFn = Callable[[np.ndarray, Sequence[str], "PlanOptions"], np.ndarray]
+# actions(videos uint8 [B, T, H, W, 3]) -> joint actions float [B, T, D]
+ActionsFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+  """Per-request sampling options; requests are batched together only when these are equal."""
+  steps: int = 40
+  hist_guidance: float = 1.5
+  lang_guidance: float = 2.5
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Plan:
+  video: np.ndarray                 # uint8 [T_total, H, W, 3]
+  actions: np.ndarray               # float32 [T_total, D]
+  reward: float                     # EVA smoothness reward of the whole trajectory
+  terms: dict[str, float]           # jerk / acc / vlim / alim / total penalties
+  segments: list[dict]              # per segment: instruction, frames contributed
+
+
+def split_instruction(instruction: str, max_segments: int | None = None) -> list[str]:
+  """'reach <sep> grasp' -> ['reach', 'grasp']; empty segments are an error."""
+  if not isinstance(instruction, str) or not instruction.strip():
+    raise ValueError("instruction is empty")
+  parts = [p.strip() for p in instruction.split(SEGMENT_SEP)]
+  if any(not p for p in parts):
+    raise ValueError(f"instruction has an empty segment between '{SEGMENT_SEP}' separators")
+  if max_segments is not None and len(parts) > max_segments:
+    raise ValueError(f"instruction has {len(parts)} segments; at most {max_segments} are allowed")
+  return parts
+
+
+class Planner:
+  """Batched planning over injected model functions (see module docstring)."""
+
+  def __init__(self, generate: GenerateFn, actions: ActionsFn, *, fps: float = 16.0,
+               smoothness: reward_lib.SmoothnessConfig | None = None, max_segments: int = 8):
+    self.generate, self.actions = generate, actions
+    self.fps, self.max_segments = fps, max_segments
+    self.smoothness = smoothness or reward_lib.piper_aloha()
+
+  def plan(self, observation: np.ndarray, instruction: str, options: PlanOptions = PlanOptions()) -> Plan:
+    return self.plan_batch([observation], [instruction], options)[0]
+
+  def plan_batch(self, observations: Sequence[np.ndarray], instructions: Sequence[str],
+                 options: PlanOptions = PlanOptions()) -> list[Plan]:
+    """Plans for several (observation, instruction) pairs with the same options, one sampler call per
+    segment index. Requests with fewer segments simply drop out of later calls."""
+    if len(observations) != len(instructions):
+      raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
+    segments = [split_instruction(s, self.max_segments) for s in instructions]
+    current = [np.asarray(o, np.uint8) for o in observations]
+    videos: list[list[np.ndarray]] = [[] for _ in observations]
+    for seg in range(max(len(s) for s in segments)):
+      active = [i for i, s in enumerate(segments) if seg < len(s)]
+      frames = np.stack([current[i] for i in active])
+      # A different seed per segment, so a repeated instruction does not repeat its noise.
+      opts = dataclasses.replace(options, seed=options.seed + seg)
+      out = np.asarray(self.generate(frames, [segments[i][seg] for i in active], opts))
+      for row, i in enumerate(active):
+        new = out[row] if seg == 0 else out[row, 1:]  # later segments start with the history frame
+        videos[i].append(new)
+        current[i] = out[row, -1]
+    full = [np.concatenate(v, axis=0) for v in videos]
+    # IDM on equal-length videos in one call; group by length so the batch stays rectangular.
+    plans: list[Plan | None] = [None] * len(full)
+    for length in sorted({len(v) for v in full}):
+      idx = [i for i, v in enumerate(full) if len(v) == length]
+      acts = np.asarray(self.actions(np.stack([full[i] for i in idx])), np.float32)
+      pen = reward_lib.smoothness_penalty(acts, fps=self.fps, cfg=self.smoothness)
+      rew = np.asarray(reward_lib.smoothness_reward(acts, fps=self.fps, cfg=self.smoothness))
+      pen = {k: np.asarray(v) for k, v in pen.items()}
+      for row, i in enumerate(idx):
+        seg_info = [{"instruction": s, "frames": int(len(v))} for s, v in zip(segments[i], videos[i])]
+        plans[i] = Plan(video=full[i], actions=acts[row], reward=float(rew[row]),
+                        terms={k: float(v[row]) for k, v in pen.items()}, segments=seg_info)
+    return plans  # type: ignore[return-value]
+
+
+def resize_observation(image: np.ndarray, height: int, width: int, *, max_aspect_change: float = 2.0,
+                       min_side: int = 16) -> np.ndarray:
+  """Short side to the target, then a center crop (as the original's image_csv transform), bicubic.
+
+  Refuses images whose aspect ratio differs from the target's by more than `max_aspect_change`×
+  (the crop would throw most of the scene away) or smaller than `min_side` pixels.
+  """
+  from PIL import Image
+
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"observation must be an RGB image [H, W, 3], got shape {image.shape}")
+  h, w = image.shape[:2]
+  if min(h, w) < min_side:
+    raise ValueError(f"observation is {h}x{w}; at least {min_side} pixels per side are needed")
+  change = (w / h) / (width / height)
+  if max(change, 1 / change) > max_aspect_change:
+    raise ValueError(f"observation aspect {w}x{h} is too far from the model's {width}x{height} "
+                     f"(more than {max_aspect_change}x); crop it before sending")
+  scale = max(height / h, width / w)
+  nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+  resized = np.asarray(Image.fromarray(image.astype(np.uint8)).resize((nw, nh), Image.BICUBIC))
+  top, left = (nh - height) // 2, (nw - width) // 2
+  return resized[top:top + height, left:left + width]
