@@ -1,0 +1,178 @@
+"""LoRA adapters as their own nnx.Variable type.
+
+`LoRAParam` subclasses `nnx.Param`, so `nnx.Optimizer(model, tx, wrt=LoRAParam)` trains only the adapters while
+`nnx.Param` still selects everything for checkpointing. `LoRALinear` is a Linear with a low-rank update
+`x @ A @ B * alpha / r` (A [in, r] initialised like PEFT's kaiming-uniform, B [r, out] zeros, so a fresh adapter
+is a no-op). The GRPO reference policy is the same model with the adapters switched off:
+
+  with disable_lora(model):
+    ref = model(...)          # exactly the base model, no copy of its weights
+
+`merge_lora` folds the adapters into the kernels; `export_peft` / `load_peft` read and write a PEFT-style
+safetensors adapter (`base_model.model.blocks.0.self_attn.q.lora_A.weight` [r, in], `lora_B` [out, r]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eva_jax.models.wan.layers import Linear, Names, xavier_uniform
+
+
+class LoRAParam(nnx.Param):
+  """A low-rank adapter factor: a Param, but selectable on its own (`wrt=LoRAParam`)."""
+
+
+def peft_a_init(key, shape, dtype=jnp.float32):
+  """PEFT's kaiming_uniform_(a=sqrt(5)) on lora_A [r, in]: U(-1/sqrt(in), 1/sqrt(in)); shape here is [.., in, r]."""
+  bound = 1.0 / math.sqrt(shape[-2])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LoRALinear(Linear):
+  """Linear plus `(x @ lora_a @ lora_b) * alpha / rank`, computed in the compute dtype."""
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, names: Names = ("embed", "mlp"),
+               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=xavier_uniform,
+               rngs: nnx.Rngs):
+    super().__init__(in_features, out_features, names=names, use_bias=use_bias, dtype=dtype,
+                     param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+    if rank <= 0:
+      raise ValueError(f"LoRALinear needs rank > 0, got {rank}")
+    self.rank, self.alpha = rank, float(alpha)
+    self.lora_enabled = True
+    self.lora_a = LoRAParam(peft_a_init(rngs.params(), (in_features, rank), param_dtype),
+                            out_sharding=(names[0], None))
+    self.lora_b = LoRAParam(jnp.zeros((rank, out_features), param_dtype), out_sharding=(None, names[1]))
+
+  @property
+  def lora_scale(self) -> float:
+    return self.alpha / self.rank
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.base(x)
+    if self.lora_enabled:
+      xa = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+      y = y + jnp.dot(xa, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+    return y
+
+
+def lora_modules(model: nnx.Module) -> Iterator[tuple[tuple, LoRALinear]]:
+  """(path, LoRALinear) for every adapter in the model."""
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, LoRALinear):
+      yield tuple(path), module
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+  """Only the adapter factors (what a LoRA checkpoint needs to keep)."""
+  return nnx.state(model, LoRAParam)
+
+
+def zero_lora(state):
+  """A copy of a state (or pure dict) whose LoRA factors B are zero, i.e. the adapters are no-ops."""
+  def zero(path, leaf):
+    return jnp.zeros_like(leaf) if path and getattr(path[-1], "key", None) == "lora_b" else leaf
+  return jax.tree_util.tree_map_with_path(zero, state)
+
+
+@contextlib.contextmanager
+def disable_lora(model: nnx.Module):
+  """Within the block the model computes exactly its base weights (adapters skipped, not zeroed)."""
+  mods = [m for _, m in lora_modules(model)]
+  old = [m.lora_enabled for m in mods]
+  for m in mods:
+    m.lora_enabled = False
+  try:
+    yield model
+  finally:
+    for m, flag in zip(mods, old):
+      m.lora_enabled = flag
+
+
+def merge_lora(model: nnx.Module) -> None:
+  """kernel += scale * A @ B for every adapter, then B = 0 (in place; the forward is unchanged)."""
+  for _, m in lora_modules(model):
+    a = m.lora_a[...].astype(jnp.float32)
+    b = m.lora_b[...].astype(jnp.float32)
+    delta = jnp.einsum("...ir,...ro->...io", a, b) * m.lora_scale
+    m.kernel[...] = (m.kernel[...].astype(jnp.float32) + delta).astype(m.kernel[...].dtype)
+    m.lora_b[...] = jnp.zeros_like(m.lora_b[...])
+
+
+def _peft_prefixes(path: tuple, layers: int | None, layer_container: str) -> list[str]:
+  """Torch-style module names for a LoRALinear path; a stacked (scanned) module expands to one per layer."""
+  parts = [str(p) for p in path]
+  if layers is None:
+    return [".".join(parts)]
+  if layer_container not in parts:
+    raise ValueError(f"stacked adapter at {'.'.join(parts)} is not under {layer_container!r}")
+  at = parts.index(layer_container) + 1
+  return [".".join(parts[:at] + [str(i)] + parts[at:]) for i in range(layers)]
+
+
+def _stacked_layers(m: LoRALinear) -> int | None:
+  return m.lora_a[...].shape[0] if m.lora_a[...].ndim == 3 else None
+
+
+def export_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks") -> None:
+  """Writes `adapter_model.safetensors` and `adapter_config.json` (PEFT layout) into directory `path`."""
+  from safetensors.numpy import save_file
+  os.makedirs(path, exist_ok=True)
+  tensors, targets, rank, alpha = {}, set(), None, None
+  for mpath, m in lora_modules(model):
+    a = np.asarray(jax.device_get(m.lora_a[...]), np.float32)
+    b = np.asarray(jax.device_get(m.lora_b[...]), np.float32)
+    layers = _stacked_layers(m)
+    for i, name in enumerate(_peft_prefixes(mpath, layers, layer_container)):
+      ai, bi = (a[i], b[i]) if layers is not None else (a, b)
+      tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(ai.T)   # [r, in]
+      tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(bi.T)   # [out, r]
+    targets.add(str(mpath[-1]))
+    rank, alpha = m.rank, m.alpha
+  if not tensors:
+    raise ValueError("export_peft: the model has no LoRA adapters (lora_rank = 0?)")
+  save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+  config = dict(peft_type="LORA", r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                target_modules=sorted(targets))
+  with open(os.path.join(path, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def load_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks", strict: bool = True) -> None:
+  """Loads a PEFT adapter directory (or .safetensors file) written by `export_peft` or PEFT into the model."""
+  from safetensors.numpy import load_file
+  file = path if path.endswith(".safetensors") else os.path.join(path, "adapter_model.safetensors")
+  tensors = load_file(file)
+  used = set()
+  for mpath, m in lora_modules(model):
+    layers = _stacked_layers(m)
+    names = _peft_prefixes(mpath, layers, layer_container)
+    a_list, b_list = [], []
+    for name in names:
+      ka, kb = f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"
+      for key in (ka, kb):
+        if key not in tensors:
+          raise KeyError(f"{file}: adapter key {key!r} is missing")
+      a_list.append(tensors[ka].T)
+      b_list.append(tensors[kb].T)
+      used.update((ka, kb))
+    a = np.stack(a_list) if layers is not None else a_list[0]
+    b = np.stack(b_list) if layers is not None else b_list[0]
+    for var, new, label in ((m.lora_a, a, "lora_A"), (m.lora_b, b, "lora_B")):
+      if tuple(new.shape) != tuple(var[...].shape):
+        raise ValueError(f"{file}: {names[0]}.{label} has shape {new.shape} (transposed), "
+                         f"expected {tuple(var[...].shape)}")
+      var[...] = jnp.asarray(new, var[...].dtype)
+  unused = sorted(set(tensors) - used)
+  if strict and unused:
+    raise KeyError(f"{file}: unexpected adapter keys {unused[:5]}{' ...' if len(unused) > 5 else ''}")

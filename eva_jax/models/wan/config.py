@@ -1,0 +1,114 @@
+"""WanConfig: the frozen description of a Wan 2.1 DiT, and the named presets.
+
+Field names follow Wan's `WanModel.__init__` (dim, ffn_dim, freq_dim, num_heads, ...) so configs read like the
+released `config.json`; the rest are ours (compute dtype, attention backend, remat policy, LoRA).
+
+  cfg = wan_config('i2v-14b', num_layers=2, dtype='bfloat16')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ATTENTION_BACKENDS = ("xla", "cudnn", "chunked")
+REMAT_POLICIES = ("none", "full", "dots", "offload")
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+  """Architecture (Wan's names) plus how to run it (ours)."""
+  # architecture (spec wan.md A.1)
+  model_type: str = "t2v"           # 't2v' | 'i2v'
+  dim: int = 1536
+  ffn_dim: int = 8960
+  freq_dim: int = 256
+  num_heads: int = 12
+  num_layers: int = 30
+  in_dim: int = 16                  # 36 for i2v: [noisy latent 16 | mask 4 | cond latent 16]
+  out_dim: int = 16
+  text_dim: int = 4096
+  text_len: int = 512
+  image_dim: int = 1280             # CLIP ViT-H/14 width (i2v only)
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  eps: float = 1e-6
+  rope_max_len: int = 1024
+  rope_theta: float = 10000.0
+  # execution
+  dtype: str = "float32"            # matmul / activation compute dtype ('bfloat16' on accelerators)
+  param_dtype: str = "float32"
+  attention: str = "xla"            # one of ATTENTION_BACKENDS
+  attn_chunk_size: int = 1024       # query and key block of the 'chunked' backend
+  remat: str = "none"               # one of REMAT_POLICIES
+  scan_layers: bool = True          # stacked blocks applied with nnx.scan (else a python loop)
+  # LoRA on the attention projections (eva.md A.5)
+  lora_rank: int = 0                # 0 = no adapters
+  lora_alpha: float = 32.0
+  lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "k_img", "v_img")
+
+  def __post_init__(self):
+    if self.model_type not in ("t2v", "i2v"):
+      raise ValueError(f"WanConfig.model_type must be 't2v' or 'i2v', got {self.model_type!r}")
+    if self.dim % self.num_heads:
+      raise ValueError(f"WanConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+    if self.attention not in ATTENTION_BACKENDS:
+      raise ValueError(f"WanConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"WanConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if len(self.patch_size) != 3:
+      raise ValueError(f"WanConfig.patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+    for name in ("dtype", "param_dtype"):
+      jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @property
+  def is_i2v(self) -> bool:
+    return self.model_type == "i2v"
+
+  @property
+  def patch_volume(self) -> int:
+    pt, ph, pw = self.patch_size
+    return pt * ph * pw
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+# Named presets: only the fields that differ from the WanConfig defaults (= t2v-1.3B).
+_T2V_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+PRESETS: dict[str, dict[str, Any]] = {
+    "t2v-1.3b": {},
+    "t2v-14b": _T2V_14B,
+    "i2v-14b": dict(_T2V_14B, model_type="i2v", in_dim=36),
+    # Tiny random-weight models for tests and smoke runs (head_dim 16 keeps the 8/4/4 RoPE split non-trivial).
+    "tiny-t2v": dict(dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=2, text_dim=24, text_len=512,
+                     rope_max_len=64),
+    "tiny-i2v": dict(model_type="i2v", dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=2, in_dim=36,
+                     text_dim=24, text_len=512, image_dim=20, rope_max_len=64),
+}
+
+
+def wan_config(name: str = "t2v-1.3b", **overrides) -> WanConfig:
+  """A preset by name with Wan-named overrides; an unknown preset or field name raises."""
+  key = name.lower()
+  if key not in PRESETS:
+    raise KeyError(f"unknown Wan config {name!r}; known: {sorted(PRESETS)}")
+  fields = {f.name for f in dataclasses.fields(WanConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise TypeError(f"wan_config({name!r}): unknown field(s) {unknown}; WanConfig fields: {sorted(fields)}")
+  values = dict(PRESETS[key], **overrides)
+  for k in ("patch_size", "lora_targets"):
+    if k in values:
+      values[k] = tuple(values[k])
+  return WanConfig(**values)

@@ -1,0 +1,310 @@
+"""The Wan 2.1 diffusion transformer (WanModel, spec wan.md A) in Flax NNX, channels-last, with EVA's per-frame
+timesteps (eva.md A.2).
+
+  model = WanModel(wan_config('tiny-i2v'), rngs=nnx.Rngs(0))
+  v = model(x, t, context, clip_fea, y)   # x [B, F, H, W, 16], t [B] or [B, F] on 0..1000 -> velocity like x
+
+Precision follows Wan: time embedding, modulation, norms, RoPE and the residual stream in float32; matmuls in
+cfg.dtype. The blocks are stacked on a leading 'layers' axis and applied with nnx.scan (cfg.scan_layers), each
+wrapped in nnx.remat by cfg.remat; with scan_layers=False they are a python list run in a loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eva_jax.models.lora import LoRALinear
+from eva_jax.models.wan.attention import attention
+from eva_jax.models.wan.config import WanConfig
+from eva_jax.models.wan.layers import (LayerNorm, Linear, RMSNorm, gate, layer_norm, modulate,
+                                       timestep_sinusoid)
+from eva_jax.models.wan.rope import apply_rope, rope_tables
+from eva_jax.parallel.sharding import constrain
+
+_ACT = ("act_batch", "act_seq", "act_embed")
+
+
+def _linear(cfg: WanConfig, name: str, din: int, dout: int, names, rngs, *, fp32: bool = False, **kw):
+  """A Linear, or a LoRALinear when `name` is a LoRA target and cfg.lora_rank > 0."""
+  dtype = jnp.float32 if fp32 else cfg.compute_dtype
+  common = dict(names=names, dtype=dtype, param_dtype=cfg.weight_dtype, rngs=rngs, **kw)
+  if cfg.lora_rank > 0 and name in cfg.lora_targets:
+    return LoRALinear(din, dout, rank=cfg.lora_rank, alpha=cfg.lora_alpha, **common)
+  return Linear(din, dout, **common)
+
+
+# MARK: attention layers
+
+class SelfAttention(nnx.Module):
+  """q, k, v, o projections, RMSNorm of q and k over the full width, 3D RoPE."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.dim
+    for name in ("q", "k", "v"):
+      setattr(self, name, _linear(cfg, name, d, d, ("embed", "heads"), rngs))
+    self.o = _linear(cfg, "o", d, d, ("heads", "embed"), rngs)
+    self.norm_q = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+    self.norm_k = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    b, l, _ = x.shape
+    heads = (b, l, cfg.num_heads, cfg.head_dim)
+    q = apply_rope(self.norm_q(self.q(x)).reshape(heads), cos, sin)            # [B, L, N, d]
+    k = apply_rope(self.norm_k(self.k(x)).reshape(heads), cos, sin)
+    v = self.v(x).reshape(heads)
+    out = attention(q, k, v, backend=cfg.attention, chunk_size=cfg.attn_chunk_size)
+    return self.o(out.reshape(b, l, cfg.dim))
+
+
+class CrossAttention(nnx.Module):
+  """Attention to the text tokens; i2v adds a second softmax over the CLIP tokens, summed before `o`."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.dim
+    for name in ("q", "k", "v"):
+      setattr(self, name, _linear(cfg, name, d, d, ("embed", "heads"), rngs))
+    self.o = _linear(cfg, "o", d, d, ("heads", "embed"), rngs)
+    self.norm_q = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+    self.norm_k = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+    if cfg.is_i2v:
+      self.k_img = _linear(cfg, "k_img", d, d, ("embed", "heads"), rngs)
+      self.v_img = _linear(cfg, "v_img", d, d, ("embed", "heads"), rngs)
+      self.norm_k_img = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+
+  def __call__(self, x: jax.Array, ctx: jax.Array, img: jax.Array | None) -> jax.Array:
+    cfg = self.cfg
+    b, l, _ = x.shape
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], cfg.num_heads, cfg.head_dim)
+    q = split(self.norm_q(self.q(x)))                                          # [B, L, N, d]
+    k = split(self.norm_k(self.k(ctx)))                                        # [B, L_text, N, d]
+    out = attention(q, k, split(self.v(ctx)), backend=cfg.attention, chunk_size=cfg.attn_chunk_size)
+    if cfg.is_i2v:
+      k_img = split(self.norm_k_img(self.k_img(img)))                          # [B, 257, N, d]
+      out = out + attention(q, k_img, split(self.v_img(img)), backend=cfg.attention,
+                            chunk_size=cfg.attn_chunk_size)
+    return self.o(out.reshape(b, l, cfg.dim))
+
+
+class FeedForward(nnx.Module):
+  """Linear(D, F) -> GELU(tanh) -> Linear(F, D)."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.fc1 = _linear(cfg, "fc1", cfg.dim, cfg.ffn_dim, ("embed", "mlp"), rngs)
+    self.fc2 = _linear(cfg, "fc2", cfg.ffn_dim, cfg.dim, ("mlp", "embed"), rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+# MARK: block
+
+class WanBlock(nnx.Module):
+  """adaLN-modulated self-attention, un-modulated cross-attention (affine norm3), modulated FFN (spec A.3)."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    # Wan's `modulation` [1, 6, D] stored as [6, D]: shift/scale/gate for attention, then for the FFN.
+    self.modulation = nnx.Param(
+        jax.random.normal(rngs.params(), (6, cfg.dim), cfg.weight_dtype) / cfg.dim ** 0.5,
+        out_sharding=(None, "embed"))
+    self.self_attn = SelfAttention(cfg, rngs=rngs)
+    self.norm3 = LayerNorm(cfg.dim, eps=cfg.eps, affine=True, param_dtype=cfg.weight_dtype)
+    self.cross_attn = CrossAttention(cfg, rngs=rngs)
+    self.ffn = FeedForward(cfg, rngs=rngs)
+
+  def __call__(self, x, e0, ctx, img, cos, sin):
+    """x [B, L, D] float32 residual; e0 [B, T, 6, D] float32 (T = 1 or frames)."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    x = constrain(x, _ACT)
+    m = self.modulation[...].astype(jnp.float32) + e0                          # [B, T, 6, D] float32
+    h = modulate(layer_norm(x, cfg.eps), m[:, :, 0], m[:, :, 1])
+    x = x + gate(self.self_attn(h.astype(dt), cos, sin), m[:, :, 2])
+    x = x + self.cross_attn(self.norm3(x).astype(dt), ctx, img).astype(jnp.float32)
+    h = modulate(layer_norm(x, cfg.eps), m[:, :, 3], m[:, :, 4])
+    return x + gate(self.ffn(h.astype(dt)), m[:, :, 5])
+
+
+def remat_policy(name: str):
+  """cfg.remat -> (wrap?, jax checkpoint policy)."""
+  if name == "none":
+    return False, None
+  if name == "full":
+    return True, None
+  if name == "dots":
+    return True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name == "offload":
+    return True, jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  raise ValueError(f"unknown remat policy {name!r}; expected none, full, dots or offload")
+
+
+# MARK: embeddings and head
+
+class TimeEmbedding(nnx.Module):
+  """sinusoid(t) -> Linear -> SiLU -> Linear, all float32."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.freq_dim = cfg.freq_dim
+    self.fc1 = _linear(cfg, "fc1", cfg.freq_dim, cfg.dim, (None, "embed"), rngs, fp32=True)
+    self.fc2 = _linear(cfg, "fc2", cfg.dim, cfg.dim, ("embed", None), rngs, fp32=True)
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.silu(self.fc1(timestep_sinusoid(t, self.freq_dim))))
+
+
+class TextEmbedding(nnx.Module):
+  """Linear(text_dim, D) -> GELU(tanh) -> Linear(D, D)."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.fc1 = _linear(cfg, "fc1", cfg.text_dim, cfg.dim, (None, "embed"), rngs)
+    self.fc2 = _linear(cfg, "fc2", cfg.dim, cfg.dim, ("embed", None), rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class ImageEmbedding(nnx.Module):
+  """Wan's MLPProj: LayerNorm(1280) -> Linear -> GELU (erf) -> Linear(1280, D) -> LayerNorm(D), eps 1e-5."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    c = cfg.image_dim
+    self.norm1 = LayerNorm(c, eps=1e-5, param_dtype=cfg.weight_dtype)
+    self.fc1 = _linear(cfg, "fc1", c, c, (None, None), rngs)
+    self.fc2 = _linear(cfg, "fc2", c, cfg.dim, (None, "embed"), rngs)
+    self.norm2 = LayerNorm(cfg.dim, eps=1e-5, param_dtype=cfg.weight_dtype)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x):
+    h = self.fc2(jax.nn.gelu(self.fc1(self.norm1(x).astype(self.dtype)), approximate=False))
+    return self.norm2(h).astype(self.dtype)
+
+
+class Head(nnx.Module):
+  """LayerNorm (no affine) modulated by the time embedding e, then Linear(D, prod(patch) * out_dim) in float32."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.eps
+    self.modulation = nnx.Param(
+        jax.random.normal(rngs.params(), (2, cfg.dim), cfg.weight_dtype) / cfg.dim ** 0.5,
+        out_sharding=(None, "embed"))
+    self.head = _linear(cfg, "head", cfg.dim, cfg.patch_volume * cfg.out_dim, ("embed", None), rngs,
+                        fp32=True, kernel_init=nnx.initializers.zeros)
+
+  def __call__(self, x: jax.Array, e: jax.Array) -> jax.Array:
+    m = self.modulation[...].astype(jnp.float32) + e[:, :, None]               # [B, T, 2, D]
+    return self.head(modulate(layer_norm(x, self.eps), m[:, :, 0], m[:, :, 1]))
+
+
+# MARK: model
+
+class WanModel(nnx.Module):
+  """Wan 2.1 DiT. __call__(x [B,F,H,W,16], t [B]|[B,F], context [B,Lt,text_dim], clip_fea, y) -> [B,F,H,W,16]."""
+
+  def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pt, ph, pw = cfg.patch_size
+    # Conv3d(in_dim, D, kernel = stride = patch) as a kernel [pt, ph, pw, C_in, D] on non-overlapping patches.
+    self.patch_embedding = nnx.Module()
+    self.patch_embedding.kernel = nnx.Param(
+        jax.random.normal(rngs.params(), (pt, ph, pw, cfg.in_dim, cfg.dim), cfg.weight_dtype)
+        * (2.0 / (cfg.patch_volume * cfg.in_dim + cfg.dim)) ** 0.5,
+        out_sharding=(None, None, None, "conv_in", "embed"))
+    self.patch_embedding.bias = nnx.Param(jnp.zeros((cfg.dim,), cfg.weight_dtype), out_sharding=("embed",))
+    self.text_embedding = TextEmbedding(cfg, rngs=rngs)
+    self.time_embedding = TimeEmbedding(cfg, rngs=rngs)
+    self.time_projection = _linear(cfg, "time_projection", cfg.dim, 6 * cfg.dim, ("embed", None), rngs,
+                                   fp32=True)
+    if cfg.is_i2v:
+      self.img_emb = ImageEmbedding(cfg, rngs=rngs)
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([WanBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.head = Head(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, clip_fea: jax.Array | None = None,
+               y: jax.Array | None = None) -> jax.Array:
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    if cfg.is_i2v:
+      if clip_fea is None:
+        raise ValueError("an i2v WanModel needs clip_fea [B, 257, image_dim]")
+      y = jnp.zeros(x.shape[:-1] + (cfg.in_dim - x.shape[-1],), x.dtype) if y is None else y
+      x = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)                     # [B, F, H, W, 36]
+    if x.shape[-1] != cfg.in_dim:
+      raise ValueError(f"x (+ y) has {x.shape[-1]} channels, the config expects in_dim={cfg.in_dim}")
+    b, f, hh, ww, c = x.shape
+    pt, ph, pw = cfg.patch_size
+    grid = (f // pt, hh // ph, ww // pw)
+    if (grid[0] * pt, grid[1] * ph, grid[2] * pw) != (f, hh, ww):
+      raise ValueError(f"latent {x.shape[1:4]} is not a multiple of the patch size {cfg.patch_size}")
+
+    # Patch embedding: tokens row-major over (f, h, w).
+    patches = x.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c).astype(dt)
+    tokens = _patch_embed(patches, self.patch_embedding.kernel[...].astype(dt))    # [B, F', H', W', D]
+    tokens = tokens + self.patch_embedding.bias[...].astype(dt)
+    seq = tokens.reshape(b, grid[0] * grid[1] * grid[2], cfg.dim).astype(jnp.float32)  # residual in float32
+
+    # Time: [B] -> one modulation for all tokens, [B, F] -> one per latent frame.
+    t = jnp.asarray(t, jnp.float32)
+    t = t[:, None] if t.ndim == 1 else t
+    if t.ndim != 2 or t.shape[0] != b or t.shape[1] not in (1, grid[0]):
+      raise ValueError(f"t must be [B] or [B, F'] with B={b}, F'={grid[0]}; got shape {t.shape}")
+    e = self.time_embedding(t)                                                 # [B, T, D] float32
+    e0 = self.time_projection(jax.nn.silu(e)).reshape(b, t.shape[1], 6, cfg.dim)
+
+    ctx = self.text_embedding(_fit_text(context, cfg.text_len).astype(dt))    # [B, text_len, D]
+    img = self.img_emb(clip_fea.astype(dt)) if cfg.is_i2v else None           # [B, 257, D]
+    cos, sin = rope_tables(grid, cfg.head_dim, cfg.rope_theta, cfg.rope_max_len)
+
+    seq = self._run_blocks(seq, e0, ctx, img, cos, sin)
+    out = self.head(seq, e)                                                    # [B, L, pt*ph*pw*out] float32
+    out = out.reshape(b, *grid, pt, ph, pw, cfg.out_dim)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)                                # (f, pt, h, ph, w, pw, c)
+    return out.reshape(b, f, hh, ww, cfg.out_dim)
+
+  def _run_blocks(self, x, e0, ctx, img, cos, sin):
+    wrap, policy = remat_policy(self.cfg.remat)
+
+    def body(block, h):
+      return block(h, e0, ctx, img, cos, sin)
+
+    if wrap:
+      body = nnx.remat(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
+    if not self.cfg.scan_layers:
+      for block in self.blocks:
+        x = body(block, x)
+      return x
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(h, block):
+      return body(block, h)
+
+    return run(x, self.blocks)
+
+
+def _patch_embed(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+  """patches [B, F', pt, H', ph, W', pw, C] x kernel [pt, ph, pw, C, D] -> [B, F', H', W', D]."""
+  return jnp.einsum("bfthpwqc,tpqcd->bfhwd", patches, kernel)
+
+
+def _fit_text(context: jax.Array, text_len: int) -> jax.Array:
+  """Zero-pads (or truncates, like EVA) the text context to text_len tokens."""
+  n = context.shape[1]
+  if n >= text_len:
+    return context[:, :text_len]
+  return jnp.pad(context, ((0, 0), (0, text_len - n), (0, 0)))
+
+
+def _stacked_blocks(cfg: WanConfig, rngs: nnx.Rngs) -> WanBlock:
+  """num_layers WanBlocks with every parameter stacked on a leading 'layers' axis."""
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(r: nnx.Rngs) -> WanBlock:
+    return WanBlock(cfg, rngs=r)
+  return create(rngs)
