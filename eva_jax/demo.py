@@ -166,23 +166,42 @@ def _idm_overrides(ctx: DemoContext) -> dict[str, Any]:
   c = ctx.config.idm
   return {"data.root": str(ctx.data_root), "seed": ctx.config.seed,
           "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
-          "optimizer.learning_rate": c.learning_rate}
+          "optim.learning_rate": c.learning_rate}
 
 
 def _sft_overrides(ctx: DemoContext) -> dict[str, Any]:
-  c = ctx.config.sft
+  c, d = ctx.config.sft, ctx.config.data
   return {"data.data_root": str(ctx.data_root), "data.metadata_path": toyworld.CSV_NAME,
+          "data.height": d.size, "data.width": d.size, "data.n_frames": d.n_frames,
+          "data.fps": float(toyworld.FPS),
+          # Crops would move the arms' bases; the toy camera is fixed like RoboTwin's head camera.
+          "data.augment": False,
           "seed": ctx.config.seed, "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
-          "optimizer.learning_rate": c.learning_rate}
+          "optim.learning_rate": c.learning_rate}
 
 
 def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
-  c = ctx.config.grpo
-  return {"data.data_root": str(ctx.data_root), "data.metadata_path": toyworld.CSV_NAME,
-          "seed": ctx.config.seed, "reward.idm_checkpoint": str(ctx.stage_dir("idm") / "checkpoints"),
-          "model.init_checkpoint": str(ctx.stage_dir("sft") / "checkpoints"),
-          "train.num_iterations": c.num_iterations, "sample.group_size": c.group_size,
-          "sample.num_steps": c.num_sampling_steps, "optimizer.learning_rate": c.learning_rate}
+  c, d = ctx.config.grpo, ctx.config.data
+  # Wan VAE: 8× spatial and 4× temporal compression (first frame kept), so 1 + 4k frames.
+  return {"seed": ctx.config.seed, "num_iterations": c.num_iterations,
+          "reward.idm_checkpoint": str(ctx.stage_dir("idm")),
+          "model.checkpoint": str(ctx.stage_dir("sft")),
+          "sample.group_size": c.group_size, "sample.num_prompts": c.num_prompts,
+          "sample.num_steps": c.num_sampling_steps,
+          "sample.latent_frames": 1 + (d.n_frames - 1) // 4,
+          "sample.latent_height": d.size // 8, "sample.latent_width": d.size // 8,
+          "optim.learning_rate": c.learning_rate,
+          # Rollout videos at the first iteration (the SFT model) and the last one (aligned).
+          "log.video_every": c.num_iterations, "log.num_videos": ctx.config.report.num_samples,
+          "log.plot_every": c.num_iterations}
+
+
+# Where train_idm writes its orbax checkpoints (under its workdir), and its IDM preset field.
+IDM_CHECKPOINTS = "checkpoints"
+
+
+def _idm_preset(cfg) -> str:
+  return cfg.model.preset
 
 
 # Keys of the GRPO trainer's metrics.jsonl that the reward curve reads.
@@ -209,11 +228,23 @@ def stage_idm(ctx: DemoContext) -> StageResult:
 
 def _idm_predict(ctx: DemoContext, cfg, frames: np.ndarray) -> np.ndarray:
   """IDM actions [B, T, 14] for uint8 videos [B, T, H, W, 3], from the trained checkpoint."""
-  train_mod = _require("eva_jax.training.idm", "load_idm")
-  idm_mod = _require("eva_jax.models.idm", "actions_from_video")
-  idm = train_mod.load_idm(cfg, str(ctx.stage_dir("idm")))
-  video = frames.astype(np.float32) / 255.0
-  return np.asarray(idm_mod.actions_from_video(idm, video))
+  from flax import nnx
+
+  from eva_jax.models.idm import IDM, actions_from_video, idm_config
+  from eva_jax.training.checkpoints import Checkpointer
+
+  idm = IDM(idm_config(_idm_preset(cfg)), rngs=nnx.Rngs(0))
+  ckpt = Checkpointer(ctx.stage_dir("idm") / IDM_CHECKPOINTS, async_save=False)
+  try:
+    tree, _ = ckpt.restore()
+  finally:
+    ckpt.close()
+  # train_idm keeps the original's {'model_state_dict', 'optimizer_state_dict', 'step'} layout.
+  state = nnx.state(idm)
+  nnx.replace_by_pure_dict(state, tree["model_state_dict"])
+  nnx.update(idm, state)
+  idm.eval()
+  return np.asarray(actions_from_video(idm, frames.astype(np.float32) / 255.0))
 
 
 def stage_sft(ctx: DemoContext) -> StageResult:
@@ -238,8 +269,36 @@ def stage_grpo(ctx: DemoContext) -> StageResult:
   k = max(1, len(mean) // 4)  # compare the first and last quarters, not single noisy iterations
   metrics = {"reward_first": float(mean[:k].mean()), "reward_last": float(mean[-k:].mean()),
              "iterations": len(mean)}
+  outputs = {"steps": steps, "reward_mean": mean, "reward_std": std}
+  outputs.update(_before_after(ctx, cfg))
+  for tag in ("before", "after"):
+    if f"rewards_{tag}" in outputs:
+      metrics[f"sample_reward_{tag}"] = float(outputs[f"rewards_{tag}"].mean())
   return StageResult("grpo", "done", "Flow-GRPO with the IDM smoothness reward", metrics=metrics,
-                     outputs={"steps": steps, "reward_mean": mean, "reward_std": std})
+                     outputs=outputs)
+
+
+def _before_after(ctx: DemoContext, grpo_cfg) -> dict[str, np.ndarray]:
+  """Rollout videos of the first GRPO iteration (the SFT model) and the last, with IDM actions.
+
+  train_grpo writes them as videos/iter{it:05d}_{k}.mp4; an empty dict when there are none.
+  """
+  from eva_jax.data import video
+  from eva_jax.rl.reward import smoothness_reward
+
+  files = sorted((ctx.stage_dir("grpo") / "videos").glob("iter*_*.mp4"))
+  iters = sorted({int(f.name[4:9]) for f in files})
+  if len(iters) < 2:
+    return {}
+  out = {}
+  idm_cfg = _override(_stage_config("idm"), _idm_overrides(ctx), "configs/idm.py:tiny")
+  for tag, it in (("before", iters[0]), ("after", iters[-1])):
+    clips = np.stack([video.read_video(f)[0] for f in files if int(f.name[4:9]) == it])
+    actions = _idm_predict(ctx, idm_cfg, clips)  # [n, T, 14]
+    out[f"videos_{tag}"] = clips
+    out[f"actions_{tag}"] = actions
+    out[f"rewards_{tag}"] = np.asarray(smoothness_reward(actions, fps=toyworld.FPS))
+  return out
 
 
 STAGES: tuple[tuple[str, Callable[[DemoContext], StageResult], tuple[str, ...]], ...] = (
@@ -353,7 +412,7 @@ def write_report(ctx: DemoContext) -> dict[str, Any]:
       videos = {}
       for tag in ("before", "after"):
         for j, v in enumerate(out[f"videos_{tag}"][:n]):
-          videos[f"{tag} alignment, sample {j}"] = v
+          videos[f"{tag} alignment, sample {j}: IDM reward {out[f'rewards_{tag}'][j]:.2f}"] = v
           files += _write_clip(wd / "videos" / f"{tag}_{j}", v, cfg.report.gif_scale)
       files.append(plots.save_frame_strips(wd / "plots" / "before_after.png", videos,
                                            max_frames=cfg.report.max_frames, scale=3, fps=fps))
