@@ -36,12 +36,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Report: how many sampled videos to show before/after alignment, frames per strip.
   c.report = ml_collections.ConfigDict(dict(num_samples=4, max_frames=9, gif_scale=3))
 
-  # The CI-sized run (tests/test_demo.py): same stages, a few steps each, tiny frames.
+  # The CI-sized run (tests/test_demo.py): same stages, a few steps each, tiny frames. Batches stay
+  # multiples of 8 so they split over the 8 fake CPU devices of the test suite.
   c.shortened = ml_collections.ConfigDict(dict(
       data=dict(num_episodes=8, size=32, n_frames=17),
       idm=dict(num_steps=20, batch_size=8),
-      sft=dict(num_steps=10, batch_size=2),
-      grpo=dict(num_iterations=4, group_size=4, num_sampling_steps=4),
+      sft=dict(num_steps=10, batch_size=8),
+      grpo=dict(num_iterations=4, group_size=4, num_prompts=2, num_sampling_steps=4),
       report=dict(num_samples=2, max_frames=5, gif_scale=2),
   ))
   return c

@@ -57,6 +57,8 @@ def test_smooth_trajectories_respect_limits():
   assert np.all(np.abs(traj[..., list(tw.ARM_DIMS)]) <= np.tile(tw.ARM_LIMITS, 2) + 1e-6)
   grips = traj[..., list(tw.GRIPPERS)]
   assert grips.min() >= 0.0 and grips.max() <= 1.0
+  # The whole arm stays in the picture (so every joint can be seen in every frame).
+  assert all(tw._in_view(pose, margin=0.0) for pose in traj.reshape(-1, 14))
   # Episodes move (not a constant pose).
   assert np.all(np.abs(vel).max(axis=(1, 2)) > 0.3)
 

@@ -65,6 +65,7 @@ LINK_LENGTHS = np.array([0.15, 0.13, 0.11, 0.085, 0.065, 0.05])
 LINK_WIDTHS = np.array([0.075, 0.065, 0.055, 0.048, 0.042, 0.036])
 # Rest-pose relative angles (rad): upper arm leaning outwards, the chain curling in over the table.
 REST_ANGLES = np.array([-np.pi / 2 - 0.1, 0.3, 0.25, 0.2, 0.15, 0.1])
+TABLE_Y = 0.88             # the table's top edge
 LEFT_BASE = (0.22, 0.9)   # (x, y) in image fractions, y grows downwards
 RIGHT_BASE = (0.78, 0.9)
 FINGER_LENGTH = 0.07
@@ -125,7 +126,7 @@ def _background(size: int) -> np.ndarray:
   y = (np.arange(size, dtype=np.float32) + 0.5) / size
   wall = np.array([40, 44, 56], np.float32) + 30 * y[:, None]  # [S, 3]
   img = np.broadcast_to(wall[:, None, :], (size, size, 3)).copy()
-  img[y > 0.88] = np.array([120, 105, 85], np.float32)
+  img[y > TABLE_Y] = np.array([120, 105, 85], np.float32)
   return img
 
 
@@ -188,6 +189,16 @@ def _segment_frames(delta: np.ndarray, fps: float, margin: float) -> int:
   return int(np.ceil(t * fps)) + 1
 
 
+def _in_view(pose: np.ndarray, margin: float = 0.04) -> bool:
+  """Whether every joint of both arms lies inside the image and above the table."""
+  for q, base, mirror in ((pose[LEFT_ARM], LEFT_BASE, False), (pose[RIGHT_ARM], RIGHT_BASE, True)):
+    pts, _ = _arm_points(q[None], base, mirror, 1)
+    x, y = pts[0, 1:, 0], pts[0, 1:, 1]
+    if x.min() < margin or x.max() > 1 - margin or y.min() < margin or y.max() > TABLE_Y - 0.02:
+      return False
+  return True
+
+
 def _rest_pose(rng: np.random.Generator) -> np.ndarray:
   pose = np.zeros(NUM_JOINTS)
   pose[list(ARM_DIMS)] = rng.uniform(-0.15, 0.15, 12)
@@ -232,12 +243,28 @@ def _smooth_trajectory(rng: np.random.Generator, motif: Motif, n_frames: int, fp
   if motif.gripper != "none":
     pose[grip_dims] = 0.0 if motif.gripper == "open" else 1.0
   out = [pose.copy()]
+  wave_sign = rng.choice([-1.0, 1.0], len(dims))
+  segment = 0
   while len(out) < n_frames:
     target = pose.copy()
-    # Waving swings the arm joints back and forth around rest; other verbs go anywhere in range.
-    amplitude = rng.uniform(0.25, 0.6, len(dims))
+    # The verb shapes the key poses: 'wave' swings back and forth, 'raise' first uncurls the arm
+    # upwards, 'reach out with' first leans it in over the table; the others go anywhere in range.
+    sign = rng.choice([-1.0, 1.0], len(dims))
+    if motif.verb == "wave":
+      sign = wave_sign * (-1.0) ** segment
+    elif motif.verb == "raise" and segment == 0:
+      sign = -np.ones(len(dims))
+    elif motif.verb == "reach out with" and segment == 0:
+      sign = np.ones(len(dims))
     lim = JOINT_LIMITS[dims]
-    target[dims] = np.clip(pose[dims] + rng.choice([-1.0, 1.0], len(dims)) * amplitude, -lim, lim)
+    for _ in range(20):  # key poses keep the whole arm in the picture, above the table
+      amplitude = rng.uniform(0.25, 0.6, len(dims))
+      target[dims] = np.clip(pose[dims] + sign * amplitude, -lim, lim)
+      if _in_view(target):
+        break
+      sign = rng.choice([-1.0, 1.0], len(dims))
+    else:
+      target = pose.copy()
     if motif.gripper != "none":
       target[grip_dims] = rng.uniform(0.6, 1.0) if motif.gripper == "open" else rng.uniform(0.0, 0.4)
     frames = max(2, int(np.ceil(_segment_frames(target - pose, fps, SMOOTH_MARGIN) / speed)))
@@ -247,6 +274,7 @@ def _smooth_trajectory(rng: np.random.Generator, motif: Motif, n_frames: int, fp
     if speed == 1.0 and rng.uniform() < 0.3:
       out.extend([target.copy()] * int(rng.integers(2, 6)))
     pose = target
+    segment += 1
   return np.stack(out[:n_frames])  # [n_frames, 14]
 
 
