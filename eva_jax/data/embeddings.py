@@ -1,0 +1,349 @@
+"""Cached conditioning: one file per CSV row, and the job that fills them (EVA's `cache_prompt_embed`).
+
+File format: `.npy`, float32 by default (`save_dtype='float16'` halves the size; bfloat16 model
+outputs are widened, never rounded further). Prompt embeddings are stored trimmed to the prompt's true
+length, [L, 4096], like the original `.pt` files; `load_prompt_embedding` zero-pads them to 512.
+The loader also reads the original EVA `.pt` files (with torch installed) and `.safetensors`.
+
+Layout next to the videos (paths in the CSV are relative to the data root), as the original:
+  prompt_embeds/<video_path>.npy   -> column prompt_embed_path   [L, 4096]
+  clip_embeds/<video_path>.npy     -> column clip_embed_path     [257, 1280] (first frame)
+  first_latents/<video_path>.npy   -> column first_latent_path   [1, h, w, 16] (first frame, VAE)
+
+`cache_embeddings(config)` encodes every distinct caption once (batched, jitted, progress bar), writes
+each row's file atomically, and rewrites the CSV atomically at the end (temporary file + os.replace):
+an interrupted run leaves the old CSV untouched, and a rerun skips rows whose files exist and load
+with the expected shape. Run it through `scripts/cache_embeddings.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+PROMPT_COLUMN, CLIP_COLUMN, LATENT_COLUMN = "prompt_embed_path", "clip_embed_path", "first_latent_path"
+PROMPT_DIR, CLIP_DIR, LATENT_DIR = "prompt_embeds", "clip_embeds", "first_latents"
+
+
+# MARK: files
+
+
+def save_array(path: str | os.PathLike, array, dtype: Any = np.float32) -> Path:
+  """Writes `array` as .npy atomically (a partial file never appears under the final name)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, np.asarray(np.asarray(array, np.float32), dtype))
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def load_array(path: str | os.PathLike) -> np.ndarray:
+  """float32 array from .npy, .safetensors (its only / first tensor) or an original EVA `.pt` file."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"cached embedding {path} does not exist")
+  if path.suffix == ".npy":
+    return np.load(path).astype(np.float32)
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    tensors = load_file(str(path))
+    return np.asarray(tensors[sorted(tensors)[0]], np.float32)
+  if path.suffix in (".pt", ".pth"):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError(f"{path} is a PyTorch file (the original EVA cache); reading it needs torch "
+                        "(pip install torch, CPU build) or re-cache it with scripts/cache_embeddings.py") from None
+    t = torch.load(path, map_location="cpu", weights_only=True)
+    return t.detach().float().numpy()
+  raise ValueError(f"cached embedding {path}: unknown format {path.suffix!r} (.npy, .safetensors, .pt)")
+
+
+def pad_prompt_embedding(emb: np.ndarray, text_len: int = 512) -> np.ndarray:
+  """[L, D] -> [text_len, D]: truncated or zero-padded, as the DiT's text context expects."""
+  if emb.ndim != 2:
+    raise ValueError(f"prompt embedding must be [L, D], got shape {emb.shape}")
+  emb = emb[:text_len]
+  return np.pad(emb, ((0, text_len - emb.shape[0]), (0, 0)))
+
+
+def load_prompt_embedding(path: str | os.PathLike, text_len: int = 512) -> np.ndarray:
+  """A cached prompt embedding as float32 [text_len, D] (zero past the prompt's length)."""
+  try:
+    return pad_prompt_embedding(load_array(path), text_len)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
+def is_valid_file(path: Path, check: Callable[[tuple[int, ...]], bool]) -> bool:
+  """True when `path` is a readable .npy whose shape passes `check` (used to resume)."""
+  try:
+    arr = np.load(path, mmap_mode="r")
+    return check(tuple(arr.shape)) and bool(np.isfinite(arr).all())
+  except (OSError, ValueError, EOFError):
+    return False
+
+
+def cache_path(media_path: str, subdir: str) -> str:
+  """`prompt_embeds/<video_path>.npy`, relative to the data root like the media path itself."""
+  return f"{subdir}/{media_path}.npy"
+
+
+# MARK: CSV
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+  """Columns and rows as raw strings, so that a rewrite changes nothing but the added columns."""
+  if not path.is_file():
+    raise FileNotFoundError(f"metadata CSV {path} does not exist")
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    return list(reader.fieldnames or []), list(reader)
+
+
+def write_csv_atomic(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> None:
+  """Writes the CSV to a temporary file in the same folder, fsyncs it, then renames it over `path`."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+      writer.writeheader()
+      for r in rows:
+        writer.writerow({c: r.get(c, "") for c in columns})
+      f.flush()
+      os.fsync(f.fileno())
+    if path.exists():
+      os.chmod(tmp, path.stat().st_mode & 0o777)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def media_column(columns: Sequence[str], where: Path) -> str:
+  for c in ("video_path", "image_path"):
+    if c in columns:
+      return c
+  raise KeyError(f"{where}: needs a 'video_path' (or 'image_path') column; found {list(columns)}")
+
+
+# MARK: encoders from the config
+
+
+def _restore_or_convert(sub, cfg, convert_fn: Callable, what: str):
+  """sub.init 'torch' (a .pth/.safetensors file or folder, converted here) or 'orbax' -> pure dict."""
+  # pylint: disable=g-import-not-at-top
+  from eva_jax.training.sft import read_torch_state_dict, restore_tree
+  if not sub.path:
+    raise ValueError(f"{what}.init={sub.init!r} needs {what}.path")
+  if sub.init == "torch":
+    return convert_fn(read_torch_state_dict(sub.path), cfg)
+  if sub.init == "orbax":
+    tree = restore_tree(sub.path)
+    return tree.get("params", tree) if isinstance(tree, dict) else tree
+  raise ValueError(f"{what}.init must be 'random', 'torch' or 'orbax', got {sub.init!r}")
+
+
+def build_model(make: Callable[[], Any], sub, cfg, convert_fn: Callable, what: str, seed: int):
+  """Random init, or the abstract module filled with converted/restored weights (no random init)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if sub.init == "random":
+    return make(nnx.Rngs(seed))
+  tree = _restore_or_convert(sub, cfg, convert_fn, what)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+  try:
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.numpy.asarray(a, dtype=cfg.param_dtype), tree))
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{what}.path {sub.path} does not match {what} preset {sub.preset!r}: {e}") from e
+  return nnx.merge(graphdef, state)
+
+
+def _text_encoder(config, captions: Sequence[str], workdir: Path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from convert.umt5 import convert_umt5_state_dict  # pylint: disable=g-import-not-at-top
+  from eva_jax.models.tokenizer import T5Tokenizer, make_tiny_tokenizer  # pylint: disable=g-import-not-at-top
+  from eva_jax.models.umt5 import UMT5Encoder, umt5_config  # pylint: disable=g-import-not-at-top
+  c = config.umt5
+  cfg = umt5_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+                    text_len=c.text_len)
+  if c.tokenizer_path == "tiny":  # smoke runs: a word-level tokenizer over the CSV's own captions
+    words = sorted({w for cap in captions for w in _words(cap)})
+    path = make_tiny_tokenizer(workdir / "tiny_tokenizer", words)
+  else:
+    path = c.tokenizer_path
+  tokenizer = T5Tokenizer(path, max_length=c.text_len)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but umT5 preset {c.preset!r} "
+                     f"embeds only {cfg.vocab_size}")
+  model = build_model(lambda r: UMT5Encoder(cfg, rngs=r), c, cfg, convert_umt5_state_dict, "umt5",
+                      config.seed)
+  return tokenizer, model
+
+
+def _words(text: str) -> list[str]:
+  import re  # pylint: disable=g-import-not-at-top
+  return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+# MARK: the cache job
+
+
+def _batches(items: Sequence, size: int):
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def _row_file(root: Path, row: Mapping[str, str], media: str, column: str, subdir: str) -> tuple[str, Path]:
+  rel = row.get(column) or cache_path(row[media], subdir)
+  return rel, root / rel
+
+
+def _cache_prompts(config, rows, media, root: Path, workdir: Path, stats: dict) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from eva_jax.models.umt5 import encode_ids  # pylint: disable=g-import-not-at-top
+  from eva_jax.utils.progress import progress  # pylint: disable=g-import-not-at-top
+  from eva_jax.models.umt5 import umt5_config  # pylint: disable=g-import-not-at-top
+  text_len = config.umt5.text_len
+  dim = umt5_config(config.umt5.preset).d_model
+  # Which rows still need a file, grouped by caption so each distinct caption is encoded once.
+  todo: dict[str, list[int]] = {}
+  for i, row in enumerate(rows):
+    rel, path = _row_file(root, row, media, PROMPT_COLUMN, PROMPT_DIR)
+    row[PROMPT_COLUMN] = rel
+    ok = not config.overwrite and is_valid_file(
+        path, lambda s: len(s) == 2 and 1 <= s[0] <= text_len and s[1] == dim)
+    if ok:
+      stats["prompt_skipped"] += 1
+    else:
+      todo.setdefault(row.get("caption", ""), []).append(i)
+  if not todo:
+    return
+  captions = list(todo)
+  tokenizer, model = _text_encoder(config, [r.get("caption", "") for r in rows], workdir)
+  bs = config.batch_size
+  bar = progress(total=len(captions), desc="umT5 captions")
+  for batch in _batches(captions, bs):
+    padded = list(batch) + [""] * (bs - len(batch))  # one static batch shape: one compilation
+    ids, mask = tokenizer(padded)
+    emb = jax.device_get(encode_ids(model, ids, mask))  # [B, text_len, D], zero past each length
+    for j, caption in enumerate(batch):
+      n = int(mask[j].sum())
+      for i in todo[caption]:
+        save_array(root / rows[i][PROMPT_COLUMN], emb[j, :n], config.save_dtype)
+        stats["prompt_written"] += 1
+    bar.update(len(batch))
+  bar.close()
+  stats["captions_encoded"] += len(captions)
+
+
+def first_frame(path: Path, height: int, width: int) -> np.ndarray:
+  """The first frame of a video or an image, centre-cropped to height:width and resized to it,
+  in [-1, 1] float32 [height, width, 3] (what the SFT loader gives the models as frame 0)."""
+  # pylint: disable=g-import-not-at-top
+  from eva_jax.data.video_dataset import resize_frames, to_unit_range
+  if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+    from PIL import Image
+    frame = np.asarray(Image.open(path).convert("RGB"))
+  else:
+    from eva_jax.data.video import read_video
+    frame = read_video(path, indices=[0])[0][0]
+  h0, w0 = frame.shape[:2]
+  if w0 * height > h0 * width:  # too wide: crop the sides
+    cw = round(h0 * width / height)
+    box = (0, (w0 - cw) // 2, h0, cw)
+  else:
+    ch = round(w0 * height / width)
+    box = ((h0 - ch) // 2, 0, ch, w0)
+  return to_unit_range(resize_frames(frame[None], height, width, box))[0]
+
+
+def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict) -> None:
+  """CLIP features or VAE latents of each row's first frame."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from eva_jax.utils.progress import progress
+  column, subdir = (CLIP_COLUMN, CLIP_DIR) if kind == "clip" else (LATENT_COLUMN, LATENT_DIR)
+  c = config.clip if kind == "clip" else config.vae
+  if kind == "clip":
+    from convert.clip import convert_clip_state_dict
+    from eva_jax.models.clip import CLIPVisionEncoder, clip_config
+    cfg = clip_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    want = lambda s: s == (cfg.num_tokens, cfg.width)
+    make = lambda r: CLIPVisionEncoder(cfg, rngs=r)
+    convert_fn = convert_clip_state_dict
+    encode = nnx.jit(lambda m, x: m.encode_image(x))
+  else:
+    from convert.wan import convert_vae_state_dict
+    from eva_jax.models.vae import WanVAE, vae_config
+    cfg = vae_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    want = lambda s: len(s) == 4 and s[0] == 1
+    make = lambda r: WanVAE(cfg, rngs=r)
+    convert_fn = convert_vae_state_dict
+    encode = nnx.jit(lambda m, x: m.encode(x[:, None]))  # one frame: [B, 1, H, W, 3] -> [B, 1, h, w, z]
+  todo = []
+  for i, row in enumerate(rows):
+    rel, path = _row_file(root, row, media, column, subdir)
+    row[column] = rel
+    if not config.overwrite and is_valid_file(path, want):
+      stats[f"{kind}_skipped"] += 1
+    else:
+      todo.append(i)
+  if not todo:
+    return
+  model = build_model(make, c, cfg, convert_fn, kind, config.seed)
+  bs = config.batch_size
+  bar = progress(total=len(todo), desc=f"{kind} first frames")
+  for batch in _batches(todo, bs):
+    frames = np.stack([first_frame(root / rows[i][media], config.height, config.width) for i in batch])
+    frames = np.pad(frames, ((0, bs - len(batch)),) + ((0, 0),) * 3)  # static batch shape
+    out = jax.device_get(encode(model, jnp.asarray(frames)))
+    for j, i in enumerate(batch):
+      save_array(root / rows[i][column], out[j], config.save_dtype)
+      stats[f"{kind}_written"] += 1
+    bar.update(len(batch))
+  bar.close()
+
+
+def cache_embeddings(config, workdir: str | os.PathLike | None = None) -> dict:
+  """Fills prompt_embed_path (and optionally clip_embed_path / first_latent_path) for a metadata CSV.
+
+  config: see configs/cache_embeddings.py. Returns counts of written / skipped files. The CSV (or
+  `config.output_csv`) is replaced atomically once every file exists.
+  """
+  root = Path(config.data_root) if config.data_root else Path(config.metadata_path).parent
+  csv_path = Path(config.metadata_path)
+  if not csv_path.is_absolute() and config.data_root:
+    csv_path = root / csv_path
+  out_csv = Path(config.output_csv) if config.output_csv else csv_path
+  workdir = Path(workdir) if workdir else root
+  columns, rows = read_csv(csv_path)
+  media = media_column(columns, csv_path)
+  stats = {k: 0 for k in ("prompt_written", "prompt_skipped", "captions_encoded", "clip_written",
+                          "clip_skipped", "vae_written", "vae_skipped")}
+  _cache_prompts(config, rows, media, root, workdir, stats)
+  added = [PROMPT_COLUMN]
+  if config.clip_features:
+    _cache_frames(config, rows, media, root, "clip", stats)
+    added.append(CLIP_COLUMN)
+  if config.vae_latents:
+    _cache_frames(config, rows, media, root, "vae", stats)
+    added.append(LATENT_COLUMN)
+  write_csv_atomic(out_csv, columns + [c for c in added if c not in columns], rows)
+  stats.update(rows=len(rows), csv=str(out_csv))
+  return stats
