@@ -16,6 +16,7 @@ from eva_jax.data.embeddings import cache_embeddings, load_prompt_embedding, sav
 from eva_jax.data.video import write_video
 from eva_jax.models.clip import CLIPVisionEncoder, clip_config
 from eva_jax.models.tokenizer import T5Tokenizer
+from eva_jax.models.vae import WanVAE, vae_config
 from eva_jax.models.umt5 import UMT5Encoder, encode_prompts, umt5_config
 from tests.utils import rel_err
 
@@ -109,22 +110,31 @@ def test_interrupted_run_keeps_old_csv_and_resumes(tmp_path, monkeypatch):
   assert stats["prompt_written"] == 0 and stats["prompt_skipped"] == 6 and stats["captions_encoded"] == 0
 
 
-def test_clip_features_of_first_frames(tmp_path):
+def test_clip_features_and_vae_latents_of_first_frames(tmp_path):
   csv_path = _make_csv(tmp_path, videos=True)
   out_csv = tmp_path / "out.csv"
-  stats = cache_embeddings(_config(csv_path, clip_features=True, output_csv=str(out_csv)))
-  assert stats["clip_written"] == 6
+  # The VAE is built here and handed in (its own numerics are tested in the VAE's tests).
+  vae = WanVAE(vae_config("tiny"), rngs=nnx.Rngs(0))
+  config = _config(csv_path, clip_features=True, vae_latents=True, output_csv=str(out_csv))
+  stats = cache_embeddings(config, models={"vae": vae})
+  assert stats["clip_written"] == 6 and stats["vae_written"] == 6
   rows = _rows(out_csv)
   assert rows[2]["clip_embed_path"] == "clip_embeds/task_a/ep2.mp4.npy"
+  assert rows[2]["first_latent_path"] == "first_latents/task_a/ep2.mp4.npy"
   assert _rows(csv_path)[0].keys() == set(COLUMNS)  # output_csv leaves the input alone
 
-  cfg = clip_config("tiny")
-  clip = CLIPVisionEncoder(cfg, rngs=nnx.Rngs(0))
-  frame = embeddings.first_frame(tmp_path / VIDEOS[2], 32, 32)  # 24x40 -> centre crop 24x24 -> 32x32
+  # Row 2's first frame: 24x40 -> centre crop 24x24 -> 32x32, in [-1, 1].
+  frame = embeddings.first_frame(tmp_path / VIDEOS[2], 32, 32)
   assert frame.shape == (32, 32, 3) and -1 <= frame.min() and frame.max() <= 1
+  cfg = clip_config("tiny")
+  clip = CLIPVisionEncoder(cfg, rngs=nnx.Rngs(0))  # config seed 0, random init
   ref = np.asarray(clip.encode_image(frame[None]))[0]
   stored = np.load(tmp_path / rows[2]["clip_embed_path"])
   assert stored.shape == (cfg.num_tokens, cfg.width) and rel_err(stored, ref) <= 1e-5
+
+  ref = np.asarray(embeddings.encode_vae_frames(vae, np.stack([frame, frame])))[0]  # batch 2: cached jit
+  stored = np.load(tmp_path / rows[2]["first_latent_path"])
+  assert stored.shape == ref.shape == (1, 4, 4, 16) and rel_err(stored, ref) <= 1e-6
 
 
 def test_loader_formats(tmp_path, monkeypatch):

@@ -271,12 +271,21 @@ def first_frame(path: Path, height: int, width: int) -> np.ndarray:
   return to_unit_range(resize_frames(frame[None], height, width, box))[0]
 
 
-def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict) -> None:
+def _jit(fn):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.jit(fn)
+
+
+# Module-level so the compiled function is reused across calls (and by tests).
+encode_clip_frames = _jit(lambda m, x: m.encode_image(x))        # [B, H, W, 3] -> [B, 257, 1280]
+encode_vae_frames = _jit(lambda m, x: m.encode(x[:, None]))      # [B, H, W, 3] -> [B, 1, h, w, 16]
+
+
+def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model=None) -> None:
   """CLIP features or VAE latents of each row's first frame."""
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   from eva_jax.utils.progress import progress
   column, subdir = (CLIP_COLUMN, CLIP_DIR) if kind == "clip" else (LATENT_COLUMN, LATENT_DIR)
   c = config.clip if kind == "clip" else config.vae
@@ -287,7 +296,7 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict) -> No
     want = lambda s: s == (cfg.num_tokens, cfg.width)
     make = lambda r: CLIPVisionEncoder(cfg, rngs=r)
     convert_fn = convert_clip_state_dict
-    encode = nnx.jit(lambda m, x: m.encode_image(x))
+    encode = encode_clip_frames
   else:
     from convert.wan import convert_vae_state_dict
     from eva_jax.models.vae import WanVAE, vae_config
@@ -295,7 +304,7 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict) -> No
     want = lambda s: len(s) == 4 and s[0] == 1
     make = lambda r: WanVAE(cfg, rngs=r)
     convert_fn = convert_vae_state_dict
-    encode = nnx.jit(lambda m, x: m.encode(x[:, None]))  # one frame: [B, 1, H, W, 3] -> [B, 1, h, w, z]
+    encode = encode_vae_frames
   todo = []
   for i, row in enumerate(rows):
     rel, path = _row_file(root, row, media, column, subdir)
@@ -306,7 +315,8 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict) -> No
       todo.append(i)
   if not todo:
     return
-  model = build_model(make, c, cfg, convert_fn, kind, config.seed)
+  if model is None:
+    model = build_model(make, c, cfg, convert_fn, kind, config.seed)
   bs = config.batch_size
   bar = progress(total=len(todo), desc=f"{kind} first frames")
   for batch in _batches(todo, bs):
@@ -320,12 +330,15 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict) -> No
   bar.close()
 
 
-def cache_embeddings(config, workdir: str | os.PathLike | None = None) -> dict:
+def cache_embeddings(config, workdir: str | os.PathLike | None = None,
+                     models: Mapping[str, Any] | None = None) -> dict:
   """Fills prompt_embed_path (and optionally clip_embed_path / first_latent_path) for a metadata CSV.
 
-  config: see configs/cache_embeddings.py. Returns counts of written / skipped files. The CSV (or
-  `config.output_csv`) is replaced atomically once every file exists.
+  config: see configs/cache_embeddings.py. `models` may hold already built encoders ('clip', 'vae')
+  to use instead of building them from the config. Returns counts of written / skipped files. The
+  CSV (or `config.output_csv`) is replaced atomically once every file exists.
   """
+  models = dict(models or {})
   root = Path(config.data_root) if config.data_root else Path(config.metadata_path).parent
   csv_path = Path(config.metadata_path)
   if not csv_path.is_absolute() and config.data_root:
@@ -339,10 +352,10 @@ def cache_embeddings(config, workdir: str | os.PathLike | None = None) -> dict:
   _cache_prompts(config, rows, media, root, workdir, stats)
   added = [PROMPT_COLUMN]
   if config.clip_features:
-    _cache_frames(config, rows, media, root, "clip", stats)
+    _cache_frames(config, rows, media, root, "clip", stats, models.get("clip"))
     added.append(CLIP_COLUMN)
   if config.vae_latents:
-    _cache_frames(config, rows, media, root, "vae", stats)
+    _cache_frames(config, rows, media, root, "vae", stats, models.get("vae"))
     added.append(LATENT_COLUMN)
   write_csv_atomic(out_csv, columns + [c for c in added if c not in columns], rows)
   stats.update(rows=len(rows), csv=str(out_csv))
