@@ -4,8 +4,8 @@
   python scripts/demo.py --config=configs/demo.py:short    # the CI-sized run (a minute or two)
   python scripts/demo.py --config.short=True --config.seed=1 --workdir=outputs/demo
 
-Stages: toy data → IDM (configs/idm.py:tiny) → SFT world model (configs/sft.py:tiny) → Flow-GRPO with
-the IDM reward (configs/grpo.py:tiny) → report. Each stage runs the real trainer with its tiny config;
+Stages: toy data → tiny VAE fitted to the toy frames (configs/vae.py:tiny) → IDM (configs/idm.py:tiny)
+→ SFT world model (configs/sft.py:tiny) → Flow-GRPO with the IDM reward (configs/grpo.py:tiny) → report. Each stage runs the real trainer with its tiny config;
 the fields below only size the run. `short` swaps in the `shortened` values (also when set from the
 command line, so `--config.short=True` works).
 """
@@ -28,7 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_episodes=96, size=64, n_frames=33, smooth_fraction=0.5, val_fraction=0.125))
 
   # Stage sizes: steps and batch sizes handed to each trainer's tiny config.
-  c.idm = ml_collections.ConfigDict(dict(num_steps=600, batch_size=32, learning_rate=1e-3))
+  c.vae = ml_collections.ConfigDict(dict(num_steps=300, batch_size=8, learning_rate=1e-3))
+  # image_size: the IDM's input resize; its stride-32 trunk keeps a 4×4 map at 128 px (2×2 at 64).
+  c.idm = ml_collections.ConfigDict(dict(num_steps=600, batch_size=32, learning_rate=1e-3,
+                                         image_size=128))
   c.sft = ml_collections.ConfigDict(dict(num_steps=400, batch_size=8, learning_rate=1e-3))
   c.grpo = ml_collections.ConfigDict(dict(num_iterations=24, group_size=8, num_prompts=1,
                                           num_sampling_steps=10, learning_rate=1e-3))
@@ -40,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # multiples of 8 so they split over the 8 fake CPU devices of the test suite.
   c.shortened = ml_collections.ConfigDict(dict(
       data=dict(num_episodes=8, size=32, n_frames=17),
-      idm=dict(num_steps=20, batch_size=8),
+      vae=dict(num_steps=10, batch_size=8),
+      idm=dict(num_steps=20, batch_size=8, image_size=64),
       sft=dict(num_steps=10, batch_size=8),
       grpo=dict(num_iterations=4, group_size=4, num_prompts=2, num_sampling_steps=4),
       report=dict(num_samples=2, max_frames=5, gif_scale=2),

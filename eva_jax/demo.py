@@ -2,10 +2,12 @@
 
 Stages, each one the real library entry point with its tiny config (configs/demo.py sizes them):
   1. data    eva_jax.data.toyworld.generate_dataset: a RoboTwin data root + robotwin_videos.csv
-  2. idm     eva_jax.training.idm.train_and_evaluate (configs/idm.py:tiny); joint MAE vs a constant
-  3. sft     eva_jax.training.sft.train_and_evaluate (configs/sft.py:tiny): the I2V world model
-  4. grpo    eva_jax.training.grpo.train_and_evaluate (configs/grpo.py:tiny) with the IDM reward
-  5. report  PNGs, videos, summary.md / summary.json under workdir (outputs/<date>/<time>/)
+  2. vae     eva_jax.training.vae.train_and_evaluate (configs/vae.py:tiny): the tiny Wan VAE fitted
+             to the toy frames (no pretrained VAE ships), then used by sft and grpo
+  3. idm     eva_jax.training.idm.train_and_evaluate (configs/idm.py:tiny); joint MAE vs a constant
+  4. sft     eva_jax.training.sft.train_and_evaluate (configs/sft.py:tiny): the I2V world model
+  5. grpo    eva_jax.training.grpo.train_and_evaluate (configs/grpo.py:tiny) with the IDM reward
+  6. report  PNGs, videos, summary.md / summary.json under workdir (outputs/<date>/<time>/)
 
 A stage whose module is not in this checkout yet is reported as `unavailable` (never faked), and the
 stages that need it as `skipped`; a stage that raises is `failed`, its traceback is saved under
@@ -33,7 +35,6 @@ import numpy as np
 from eva_jax.data import toyworld
 from eva_jax.utils import plots
 
-STAGE_NAMES = ("data", "idm", "sft", "grpo")
 
 
 class StageUnavailable(Exception):
@@ -162,9 +163,25 @@ def constant_predictor_mae(train_joints: np.ndarray, eval_joints: np.ndarray) ->
 # MARK: stage wiring  (the only place that knows the trainers' config fields and outputs)
 
 
+def _vae_overrides(ctx: DemoContext) -> dict[str, Any]:
+  c, d = ctx.config.vae, ctx.config.data
+  return {"data.data_root": str(ctx.data_root), "data.metadata_path": toyworld.CSV_NAME,
+          "data.height": d.size, "data.width": d.size, "data.n_frames": d.n_frames,
+          "seed": ctx.config.seed, "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
+          "optim.learning_rate": c.learning_rate}
+
+
+def _vae_checkpoint(ctx: DemoContext) -> dict[str, Any]:
+  """The fitted toy VAE for the world-model stages, when the vae stage ran."""
+  return {"vae.checkpoint": str(ctx.stage_dir("vae"))} if _done(ctx.results, "vae") else {}
+
+
 def _idm_overrides(ctx: DemoContext) -> dict[str, Any]:
-  c = ctx.config.idm
-  return {"data.root": str(ctx.data_root), "seed": ctx.config.seed,
+  c, d = ctx.config.idm, ctx.config.data
+  return {"data.root": str(ctx.data_root), "data.tfds_dir": str(ctx.stage_dir("idm") / "tfds"),
+          # Normalise by the toy joints' statistics, not the AnyPos constants of the release.
+          "data.norm_stats": "dataset", "seed": ctx.config.seed,
+          "model.image_size": (c.image_size, c.image_size),
           "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
           "optim.learning_rate": c.learning_rate}
 
@@ -177,7 +194,7 @@ def _sft_overrides(ctx: DemoContext) -> dict[str, Any]:
           # Crops would move the arms' bases; the toy camera is fixed like RoboTwin's head camera.
           "data.augment": False,
           "seed": ctx.config.seed, "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
-          "optim.learning_rate": c.learning_rate}
+          "optim.learning_rate": c.learning_rate, **_vae_checkpoint(ctx)}
 
 
 def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
@@ -193,28 +210,38 @@ def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
           "optim.learning_rate": c.learning_rate,
           # Rollout videos at the first iteration (the SFT model) and the last one (aligned).
           "log.video_every": c.num_iterations, "log.num_videos": ctx.config.report.num_samples,
-          "log.plot_every": c.num_iterations}
+          "log.plot_every": c.num_iterations, **_vae_checkpoint(ctx)}
 
 
-# Where train_idm writes its orbax checkpoints (under its workdir), and its IDM preset field.
-IDM_CHECKPOINTS = "checkpoints"
-
-
-def _idm_preset(cfg) -> str:
-  return cfg.model.preset
-
-
-# Keys of the GRPO trainer's metrics.jsonl that the reward curve reads.
+# Keys of the trainers' metrics.jsonl that the report reads.
+SFT_LOSS = "loss"
 GRPO_REWARD_MEAN, GRPO_REWARD_STD = "reward_mean", "reward_std"
+
+
+def stage_vae(ctx: DemoContext) -> StageResult:
+  """Fits the tiny Wan VAE to the toy frames; a random-weight VAE would make the world model's
+  latents (and so its decoded videos, and the IDM reward on them) meaningless."""
+  trainer = _require("eva_jax.training.vae", "train_and_evaluate")
+  cfg = _override(_stage_config("vae"), _vae_overrides(ctx), "configs/vae.py:tiny")
+  metrics = trainer.train_and_evaluate(cfg, str(ctx.stage_dir("vae"))) or {}
+  return StageResult("vae", "done", "tiny VAE fitted to the toy frames",
+                     metrics={k: float(v) for k, v in dict(metrics).items() if np.isscalar(v)})
 
 
 def stage_idm(ctx: DemoContext) -> StageResult:
   trainer = _require("eva_jax.training.idm", "train_and_evaluate")
+  from eva_jax.data import idm_dataset
+
   cfg = _override(_stage_config("idm"), _idm_overrides(ctx), "configs/idm.py:tiny")
-  trainer.train_and_evaluate(cfg, str(ctx.stage_dir("idm")))
-  # Joint MAE on the validation episodes, against the constant (training-mean) predictor.
+  # The IDM trains and validates on the toy data's own split, so the MAE below is held out.
   data = ctx.results["data"].outputs
   val = np.array([ep["split"] == "validation" for ep in data["summary"]["episodes"]])
+  paths = [str(ctx.data_root / ep["hdf5"]) for ep in data["summary"]["episodes"]]
+  idm_dataset.build_idm_dataset({"train": [p for p, v in zip(paths, val) if not v],
+                                 "val": [p for p, v in zip(paths, val) if v]},
+                                cfg.data.tfds_dir, seed=ctx.config.seed)
+  trainer.train_and_evaluate(cfg, str(ctx.stage_dir("idm")))
+  # Joint MAE on the validation episodes, against the constant (training-mean) predictor.
   pred = _idm_predict(ctx, cfg, data["frames"][val])  # [Nv, T, 14]
   true = data["joints"][val]
   mae = np.abs(pred - true).reshape(-1, 14).mean(0)
@@ -228,30 +255,27 @@ def stage_idm(ctx: DemoContext) -> StageResult:
 
 def _idm_predict(ctx: DemoContext, cfg, frames: np.ndarray) -> np.ndarray:
   """IDM actions [B, T, 14] for uint8 videos [B, T, H, W, 3], from the trained checkpoint."""
-  from flax import nnx
+  import jax.numpy as jnp
 
-  from eva_jax.models.idm import IDM, actions_from_video, idm_config
-  from eva_jax.training.checkpoints import Checkpointer
+  from eva_jax.models.idm import actions_from_video
 
-  idm = IDM(idm_config(_idm_preset(cfg)), rngs=nnx.Rngs(0))
-  ckpt = Checkpointer(ctx.stage_dir("idm") / IDM_CHECKPOINTS, async_save=False)
-  try:
-    tree, _ = ckpt.restore()
-  finally:
-    ckpt.close()
-  # train_idm keeps the original's {'model_state_dict', 'optimizer_state_dict', 'step'} layout.
-  state = nnx.state(idm)
-  nnx.replace_by_pure_dict(state, tree["model_state_dict"])
-  nnx.update(idm, state)
-  idm.eval()
-  return np.asarray(actions_from_video(idm, frames.astype(np.float32) / 255.0))
+  trainer = _require("eva_jax.training.idm", "load_trained_idm")
+  idm = trainer.load_trained_idm(ctx.stage_dir("idm"), cfg)  # best/ by validation MAE, eval mode
+  return np.asarray(actions_from_video(idm, jnp.asarray(frames, jnp.float32) / 255.0))
 
 
 def stage_sft(ctx: DemoContext) -> StageResult:
   trainer = _require("eva_jax.training.sft", "train_and_evaluate")
+  from eva_jax.utils.metrics import read_metrics
+
   cfg = _override(_stage_config("sft"), _sft_overrides(ctx), "configs/sft.py:tiny")
   trainer.train_and_evaluate(cfg, str(ctx.stage_dir("sft")))
-  return StageResult("sft", "done", "world model fine-tuned on the toy videos")
+  records = [r for r in read_metrics(ctx.stage_dir("sft")) if SFT_LOSS in r]
+  steps = np.array([r["step"] for r in records])
+  loss = np.array([float(r[SFT_LOSS]) for r in records])
+  metrics = {"loss_first": float(loss[0]), "loss_last": float(loss[-1])} if len(loss) else {}
+  return StageResult("sft", "done", "world model fine-tuned on the toy videos", metrics=metrics,
+                     outputs={"steps": steps, "loss": loss})
 
 
 def stage_grpo(ctx: DemoContext) -> StageResult:
@@ -303,6 +327,7 @@ def _before_after(ctx: DemoContext, grpo_cfg) -> dict[str, np.ndarray]:
 
 STAGES: tuple[tuple[str, Callable[[DemoContext], StageResult], tuple[str, ...]], ...] = (
     ("data", stage_data, ()),
+    ("vae", stage_vae, ("data",)),
     ("idm", stage_idm, ("data",)),
     ("sft", stage_sft, ("data",)),
     ("grpo", stage_grpo, ("idm", "sft")),
@@ -401,6 +426,11 @@ def write_report(ctx: DemoContext) -> dict[str, Any]:
          "constant predictor": dict(zip(names, m["per_joint_constant_mae"]))},
         title="Validation joint MAE per joint", ylabel="MAE"))
 
+  if _done(res, "sft") and len(res["sft"].outputs["loss"]):
+    out = res["sft"].outputs
+    files.append(plots.plot_curves(wd / "plots" / "sft_loss.png", {"SFT": (out["steps"], out["loss"])},
+                                   title="World-model SFT: flow-matching loss", ylabel="loss"))
+
   if _done(res, "grpo"):
     out, m = res["grpo"].outputs, res["grpo"].metrics
     files.append(plots.plot_curves(
@@ -455,6 +485,10 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     shown = {k: v for k, v in r["metrics"].items() if not isinstance(v, list)}
     result = ", ".join(f"{k} = {_fmt(v)}" for k, v in shown.items()) or r["detail"]
     lines.append(f"| {name} | {r['status']} | {r['seconds']:.1f} | {result} |")
+  if summary["stages"].get("vae", {}).get("status") != "done" and any(
+      summary["stages"].get(n, {}).get("status") == "done" for n in ("sft", "grpo")):
+    lines += ["", "Note: no fitted VAE, so the world model ran on a random-weight tiny VAE; its decoded "
+              "videos, and the IDM rewards measured on them, do not show the toy world."]
   not_run = [n for n, r in summary["stages"].items() if r["status"] != "done"]
   if not_run:
     lines += ["", "Not run in this checkout (nothing is faked):"]

@@ -17,10 +17,11 @@ from eva_jax import demo
 from eva_jax.data import video
 
 # The module each stage needs; a stage may be skipped only if one of these is absent.
-STAGE_MODULES = {"idm": ("eva_jax.training.idm", "configs.idm"),
+STAGE_MODULES = {"vae": ("eva_jax.training.vae", "configs.vae"),
+                 "idm": ("eva_jax.training.idm", "configs.idm"),
                  "sft": ("eva_jax.training.sft", "configs.sft"),
                  "grpo": ("eva_jax.training.grpo", "configs.grpo")}
-STAGE_NEEDS = {"idm": ("data",), "sft": ("data",), "grpo": ("idm", "sft")}
+STAGE_NEEDS = {"vae": ("data",), "idm": ("data",), "sft": ("data",), "grpo": ("idm", "sft")}
 
 
 def _exists(module: str) -> bool:
@@ -92,7 +93,7 @@ def _check_png(path):
 def test_shortened_demo_run(tmp_path):
   summary = demo.run_demo(demo_config.get_config("short"), tmp_path)
   st = summary["stages"]
-  assert list(st) == ["data", "idm", "sft", "grpo"]
+  assert list(st) == ["data", "vae", "idm", "sft", "grpo"]
   assert json.loads((tmp_path / "summary.json").read_text()) == summary
   md = (tmp_path / "summary.md").read_text()
   for name in st:
@@ -124,6 +125,9 @@ def test_shortened_demo_run(tmp_path):
     expected |= {"plots/idm_val_joints.png", "plots/idm_mae.png"}
     # The IDM trained on toy data beats always predicting the mean pose.
     assert st["idm"]["metrics"]["val_joint_mae"] < st["idm"]["metrics"]["constant_predictor_mae"]
+  if st["sft"]["status"] == "done":
+    expected |= {"plots/sft_loss.png"}
+    assert np.isfinite(st["sft"]["metrics"]["loss_last"])
   if st["grpo"]["status"] == "done":
     expected |= {"plots/reward_curve.png"}
   assert expected <= set(files), expected - set(files)
