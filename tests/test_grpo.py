@@ -146,3 +146,33 @@ def test_lora_off_reference_is_exactly_the_base_model():
   ref = _toy_policy(grpo.zeros_like_tree(lora), base, x, t, cond)
   plain = jnp.einsum("bfhwc,cd->bfhwd", x, base["w"]) * 0.5
   np.testing.assert_array_equal(np.asarray(ref), np.asarray(plain))
+
+
+def test_rollout_log_probs_are_recomputed_exactly_and_frame0_is_imposed():
+  from eva_jax.rl.rollout import RolloutConfig, sample_latents
+  ts, sig = wan_timesteps(5)
+  _, _, cfg, base, lora, _ = _toy_setup()
+  lora = dict(a=lora["a"], b=jnp.full((2, 4), 0.1))
+  seen_t = []
+
+  def policy(lo, ba, x, t, cond):
+    seen_t.append(t)
+    return _toy_policy(lo, ba, x, t, cond)
+
+  batch = _toy_batch(jax.random.key(11), s=5)
+  ro_cfg = RolloutConfig(sigma_max=float(sig[1]), t_hist=float(ts[-1]))
+  noise = jax.random.normal(jax.random.key(12), (4, 2, 2, 2, 4))
+  lat, lps = jax.jit(lambda k: sample_latents(policy, lora, base, batch["clean_first"], batch["cond"], noise,
+                                              k, ts, sig, ro_cfg))(jax.random.key(13))
+  assert lat.shape == (4, 6, 2, 2, 2, 4) and lps.shape == (4, 5)
+  np.testing.assert_array_equal(np.asarray(lat[:, 0]), np.asarray(noise))
+  batch.update(latents=lat, log_probs=lps)
+  cfg = grpo.GRPOUpdateConfig(sigma_max=float(sig[1]), t_hist=float(ts[-1]))
+  again = jax.jit(lambda: grpo.recompute_log_probs(_toy_policy, lora, base, batch, ts, sig, cfg))()
+  assert float(jnp.max(jnp.abs(again - lps))) < 1e-6      # ratio exp(Δ) = 1 to float32 rounding
+  assert seen_t and seen_t[0].shape == (4, 2)
+  # What the policy sees: frame 0 clean at t_hist, the other frames at the step's timestep.
+  np.testing.assert_array_equal(np.asarray(grpo.frame_timesteps(500.0, 2, 3, 71.0)), [[71, 500, 500]] * 2)
+  x = grpo.impose_first_frame(lat[:, 3], batch["clean_first"])
+  np.testing.assert_array_equal(np.asarray(x[:, :1]), np.asarray(batch["clean_first"]))
+  np.testing.assert_array_equal(np.asarray(x[:, 1:]), np.asarray(lat[:, 3, 1:]))
