@@ -108,9 +108,14 @@ def build(name, sd, **overrides):
   return model
 
 
+@nnx.jit
+def _forward(model, x, t, ctx, clip, y):
+  return model(x, t, ctx, clip, y)
+
+
 def run(model, x, t, ctx, clip, y):
-  return np.asarray(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx),
-                          None if clip is None else jnp.asarray(clip), None if y is None else jnp.asarray(y)))
+  """Jitted forward (one compile per config and input shapes, shared across tests)."""
+  return np.asarray(_forward(model, x, t, ctx, clip, y))
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +186,7 @@ def test_remat_gradients_equal(refs):
   _, sd = refs["tiny-t2v"]
   x, t, ctx, _, _ = inputs("tiny-t2v", seed=5)
 
+  @nnx.jit
   def grads(model):
     def loss(m):
       return jnp.mean(m(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)) ** 2)
@@ -224,13 +230,13 @@ def test_chunked_attention_equals_xla(chunk):
   lengths = jnp.array([29, 11])
   for kv_len in (None, lengths):
     ref = attention(q, k, v, backend="xla", kv_seq_lengths=kv_len)
-    out = chunked_attention(q, k, v, kv_len, chunk_size=chunk)
+    out = jax.jit(chunked_attention, static_argnames="chunk_size")(q, k, v, kv_len, chunk_size=chunk)
     assert rel_err(out, ref) <= 1e-6
 
 
 def test_chunked_attention_gradient():
   q, k, v = _qkv(lq=20, lk=13)
-  f = lambda fn: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+  f = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)))(q, k, v)
   g_ref = f(lambda q, k, v: attention(q, k, v, backend="xla"))
   g_out = f(lambda q, k, v: chunked_attention(q, k, v, chunk_size=6))
   for a, b in zip(g_ref, g_out):

@@ -1,6 +1,19 @@
-"""The Wan 2.1 DiT: WanModel, its config and its checkpoint loader."""
+"""The Wan 2.1 DiT: WanModel, its config and its checkpoint loader.
+
+Model and loader are imported on first use (PEP 562) so that eva_jax.models.lora, which builds on
+eva_jax.models.wan.layers, can be imported first without a cycle.
+"""
 
 from eva_jax.models.wan.config import PRESETS, WanConfig, wan_config
-from eva_jax.models.wan.model import WanModel
 
-__all__ = ["PRESETS", "WanConfig", "WanModel", "wan_config"]
+__all__ = ["PRESETS", "WanConfig", "WanModel", "load_dit", "wan_config"]
+
+
+def __getattr__(name):
+  if name == "WanModel":
+    from eva_jax.models.wan.model import WanModel
+    return WanModel
+  if name == "load_dit":
+    from eva_jax.models.wan.loading import load_dit
+    return load_dit
+  raise AttributeError(f"module 'eva_jax.models.wan' has no attribute {name!r}")

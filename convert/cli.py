@@ -1,0 +1,167 @@
+"""Command line converter: PyTorch weights -> an orbax checkpoint of eva_jax parameters.
+
+  python -m convert --kind dit --src Wan2.1-I2V-14B-480P/ --out ckpt/dit --config i2v-14b --dtype bfloat16
+  python -m convert --kind dit --src eva_i2v_14B.ckpt --out ckpt/eva_dit        # Lightning, 'model.' prefix
+  python -m convert --kind vae --src Wan2.1_VAE.pth --out ckpt/vae
+
+Kinds dispatch lazily to convert.wan (dit, vae), convert.clip, convert.umt5 and convert.idm, each with its config
+builder `eva_jax.models.<module>.<kind>_config(name, **overrides)`. The DiT is streamed: source tensors are read
+one at a time (safetensors `safe_open`, `torch.load(mmap=True)`), each output parameter (per-layer tensors
+stacked) is written with orbax partial saves as soon as it is complete, so peak memory stays near the largest
+stacked tensor (40 x 5120 x 13824 for the 14B FFN), not the model. Load with `eva_jax.models.wan.load_dit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+# kind -> (converter module, converter function, config module, config function, default config name)
+KINDS = {
+    "dit": ("convert.wan", "convert_dit_state_dict", "eva_jax.models.wan", "wan_config", "i2v-14b"),
+    "vae": ("convert.wan", "convert_vae_state_dict", "eva_jax.models.vae", "vae_config", "wan2.1"),
+    "clip": ("convert.clip", "convert_clip_state_dict", "eva_jax.models.clip", "clip_config", "vit-h-14"),
+    "umt5": ("convert.umt5", "convert_umt5_state_dict", "eva_jax.models.umt5", "umt5_config", "umt5-xxl"),
+    "idm": ("convert.idm", "convert_idm_state_dict", "eva_jax.models.idm", "idm_config", "resnet50"),
+}
+METADATA_FILE = "eva_convert.json"
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def build_config(kind: str, name: str | None, overrides: dict[str, Any]):
+  _, _, cfg_module, cfg_fn, default = KINDS[kind]
+  fn = getattr(importlib.import_module(cfg_module), cfg_fn)
+  return fn(name or default, **overrides)
+
+
+def _flatten(tree, prefix=()) -> Iterator[tuple[tuple, Any]]:
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flatten(v, prefix + (k,))
+  else:
+    yield prefix, tree
+
+
+def _nest(items: Iterable[tuple[tuple, Any]]) -> dict:
+  tree: dict = {}
+  for path, value in items:
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _cast(x: np.ndarray, dtype) -> np.ndarray:
+  return x.astype(dtype) if dtype is not None and np.issubdtype(x.dtype, np.floating) else x
+
+
+def stream_to_orbax(items: Iterable[tuple[tuple, np.ndarray]], out: str, *, batch_bytes: int = 1 << 30,
+                    progress: bool = True) -> dict:
+  """Writes (path, array) items into an orbax checkpoint at `out` with partial saves of at most ~batch_bytes
+  (or one array); returns {'params', 'bytes', 'largest_bytes'}."""
+  from orbax.checkpoint.experimental import v1 as ocp
+  out = os.path.abspath(out)
+  batch, size, stats = [], 0, dict(params=0, bytes=0, largest_bytes=0)
+  t0 = time.time()
+
+  def flush():
+    nonlocal batch, size
+    if batch:
+      ocp.partial.save(out, _nest(batch))
+      batch, size = [], 0
+
+  for path, arr in items:
+    # orbax wants string keys; integer keys (unscanned layer lists) become their decimal string
+    path = tuple(str(p) for p in path)
+    if size and size + arr.nbytes > batch_bytes:
+      flush()
+    batch.append((path, arr))
+    size += arr.nbytes
+    stats["params"] += 1
+    stats["bytes"] += arr.nbytes
+    stats["largest_bytes"] = max(stats["largest_bytes"], arr.nbytes)
+    if progress:
+      rate = stats["bytes"] / max(time.time() - t0, 1e-9) / 2**20
+      print(f"\r[convert] {stats['params']} tensors, {stats['bytes'] / 2**30:.2f} GiB ({rate:.0f} MiB/s) "
+            f"{'/'.join(path)}", end="", file=sys.stderr, flush=True)
+    if size >= batch_bytes:
+      flush()
+  flush()
+  ocp.partial.finalize(out)
+  if progress:
+    print(file=sys.stderr)
+  return stats
+
+
+def convert(kind: str, src: str, out: str, *, config: str | None = None, overrides: dict | None = None,
+            dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+  """Library entry point of the CLI; returns a summary dict (also written to <out>/eva_convert.json)."""
+  import jax.numpy as jnp
+  from convert.io import open_state_dict
+  if kind not in KINDS:
+    raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
+  if os.path.exists(out):
+    if not overwrite:
+      raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    shutil.rmtree(out)
+  cfg = build_config(kind, config, overrides or {})
+  np_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
+  sd = open_state_dict(src)
+  t0 = time.time()
+  if kind == "dit":
+    from convert.wan_dit import detect_layout, iter_dit_params
+    layout = detect_layout(list(sd.keys()))
+    items = iter_dit_params(sd, cfg, dtype=np_dtype)
+  else:
+    mod, fn = KINDS[kind][:2]
+    layout = None
+    tree = getattr(importlib.import_module(mod), fn)(sd, cfg)
+    items = ((p, _cast(np.asarray(v), np_dtype)) for p, v in _flatten(tree))
+  stats = stream_to_orbax(items, out, progress=progress)
+  cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+  summary = dict(kind=kind, source=os.path.abspath(src), layout=layout, config_name=config or KINDS[kind][4],
+                 config=cfg_dict, dtype=dtype, seconds=round(time.time() - t0, 2), **stats)
+  with open(os.path.join(out, METADATA_FILE), "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  return summary
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
+  p.add_argument("--kind", required=True, choices=sorted(KINDS))
+  p.add_argument("--src", required=True, help="checkpoint file or directory (safetensors, .pth, .ckpt)")
+  p.add_argument("--out", required=True, help="output orbax checkpoint directory")
+  p.add_argument("--config", default=None, help="config preset name (dit: t2v-1.3b, t2v-14b, i2v-14b, ...)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="config override, e.g. --set num_layers=2 (repeatable)")
+  p.add_argument("--dtype", default=None, help="stored dtype, e.g. bfloat16 or float32 (default: config's)")
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--quiet", action="store_true")
+  args = p.parse_args(argv)
+  overrides = {}
+  for item in args.set:
+    if "=" not in item:
+      p.error(f"--set expects FIELD=VALUE, got {item!r}")
+    k, v = item.split("=", 1)
+    overrides[k] = _parse_value(v)
+  summary = convert(args.kind, args.src, args.out, config=args.config, overrides=overrides, dtype=args.dtype,
+                    overwrite=args.overwrite, progress=not args.quiet)
+  print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+  return 0
