@@ -1,0 +1,339 @@
+"""EVA inference from a config: image_csv -> first frames + prompts -> videos/*.mp4 (scripts/infer.py).
+
+    from configs.infer import get_config
+    videos = run_inference(get_config('tiny'), workdir=None)   # outputs/<date>/<time>/videos/*.mp4
+
+Models are built from `config.model` (presets) and `config.ckpt` (weights), each one of:
+  * ''                  random init (only with `ckpt.random_init=True`: tiny smoke runs, benchmarks);
+  * an orbax directory  a converted checkpoint (eva_jax.training.checkpoints layout: <step>/state);
+  * PyTorch files       converted on the fly by convert.* (.pth/.pt/.ckpt, .safetensors, or a directory
+                        of .safetensors shards); Lightning .ckpt files are unwrapped ('state_dict', the
+                        'model.' prefix stripped), as EVA's `tuned_ckpt_path` loader does.
+`ckpt.tuned` (EVA's fine-tuned DiT, e.g. eva_i2v_14B.ckpt) replaces the DiT weights of `ckpt.dit`.
+
+The image_csv (spec/eva.md F.2) has columns `image_path,height,width,fps,n_frames,caption`; each
+image is resized so its short side equals the target height (bicubic), then center-cropped to the
+target (height, width), as the original `SingleFrameVideoDataset` does, and mapped to [-1, 1].
+Prompts are encoded by umT5 once up front (the encoder is then released), unless the CSV gives a
+cached embedding in a `prompt_embed_path` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import pathlib
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+IMAGE_CSV_COLUMNS = ("image_path", "height", "width", "fps", "n_frames", "caption")
+
+
+# MARK: image_csv
+
+def read_image_csv(path: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Rows of an image_csv as dicts (height/width/n_frames int, fps float); paths stay as written."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"image_csv {path} does not exist")
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in IMAGE_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f"{path}: missing column(s) {missing}; an image_csv needs {list(IMAGE_CSV_COLUMNS)}, "
+                       f"found {reader.fieldnames}")
+    rows = []
+    for i, row in enumerate(reader):
+      where = f"{path} row {i}"
+      try:
+        rec = dict(row, height=int(row["height"]), width=int(row["width"]), n_frames=int(row["n_frames"]),
+                   fps=float(row["fps"]))
+      except ValueError as e:
+        raise ValueError(f"{where}: height/width/n_frames must be integers and fps a number ({e})") from None
+      if not rec["image_path"]:
+        raise ValueError(f"{where}: empty image_path")
+      rows.append(rec)
+  if not rows:
+    raise ValueError(f"{path}: no rows")
+  return rows
+
+
+def load_first_frame(path: str | pathlib.Path, height: int, width: int) -> np.ndarray:
+  """Image -> float32 [height, width, 3] in [-1, 1]: short side to `height` (bicubic), center crop.
+
+  Follows torchvision's Resize(int) (long side = int(height * long / short)) and CenterCrop (offsets
+  round((size - crop) / 2); a side smaller than the crop is padded with black).
+  """
+  from PIL import Image
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"image {path} does not exist")
+  img = Image.open(path).convert("RGB")
+  w, h = img.size
+  if w <= h:
+    new_w, new_h = height, int(height * h / w)
+  else:
+    new_w, new_h = int(height * w / h), height
+  img = np.asarray(img.resize((new_w, new_h), Image.BICUBIC), np.float32)  # [h', w', 3] in 0..255
+  pad_h, pad_w = max(height - new_h, 0), max(width - new_w, 0)
+  if pad_h or pad_w:
+    img = np.pad(img, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+  top = int(round((img.shape[0] - height) / 2.0))
+  left = int(round((img.shape[1] - width) / 2.0))
+  img = img[top:top + height, left:left + width]
+  return img / 127.5 - 1.0
+
+
+# MARK: weights
+
+def load_torch_state_dict(path: str | pathlib.Path, strip_prefix: Optional[str] = None) -> Mapping[str, Any]:
+  """A PyTorch/safetensors checkpoint as {key: tensor}; a directory means all its .safetensors shards."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+      raise FileNotFoundError(f"{path}: no .safetensors files (and no orbax checkpoint)")
+    files = shards
+  elif path.is_file():
+    files = [path]
+  else:
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  state: dict[str, Any] = {}
+  for f in files:
+    if f.suffix == ".safetensors":
+      from safetensors.torch import load_file
+      state.update(load_file(str(f)))
+    else:
+      import torch
+      obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+      if isinstance(obj, Mapping) and "state_dict" in obj:  # Lightning .ckpt
+        obj = obj["state_dict"]
+      state.update(obj)
+  if strip_prefix:
+    if any(k.startswith(strip_prefix) for k in state):
+      state = {k[len(strip_prefix):]: v for k, v in state.items() if k.startswith(strip_prefix)}
+  return state
+
+
+def _is_orbax_dir(path: pathlib.Path) -> bool:
+  return path.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+
+
+def _restore_orbax(path: pathlib.Path) -> dict:
+  """The latest step of a Checkpointer directory as a pure dict; a {'params': ...} wrapper is unwrapped."""
+  from eva_jax.training.checkpoints import Checkpointer
+  ckpt = Checkpointer(path, async_save=False)
+  state, _ = ckpt.restore()
+  ckpt.close()
+  for key in ("params", "model"):
+    if isinstance(state, Mapping) and key in state and len(state) <= 3:
+      state = state[key]
+  return state
+
+
+def _load_into(build, convert_fn, cfg, path: str, name: str, random_init: bool, prefix: Optional[str] = None):
+  """Builds a module with random weights, or abstractly and then fills it from a checkpoint."""
+  if not path:
+    if not random_init:
+      raise ValueError(f"config.ckpt.{name} is empty and config.ckpt.random_init is False: give a checkpoint "
+                       "(orbax directory or PyTorch file) or allow random weights")
+    return build()
+  p = pathlib.Path(path)
+  module = nnx.eval_shape(build)
+  graphdef, state = nnx.split(module)
+  weights = _restore_orbax(p) if _is_orbax_dir(p) else convert_fn(load_torch_state_dict(p, prefix), cfg)
+  pure = nnx.to_pure_dict(state)
+  _check_tree(pure, weights, f"config.ckpt.{name}={path}")
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, weights))
+  return nnx.merge(graphdef, state)
+
+
+def _check_tree(expected: Mapping, found: Mapping, where: str, prefix: str = "") -> None:
+  """Same keys and shapes; names the first key that differs."""
+  for k in expected:
+    if k not in found:
+      raise KeyError(f"{where}: missing parameter {prefix}{k}")
+    e, f = expected[k], found[k]
+    if isinstance(e, Mapping):
+      if not isinstance(f, Mapping):
+        raise KeyError(f"{where}: {prefix}{k} should be a subtree")
+      _check_tree(e, f, where, f"{prefix}{k}/")
+    elif tuple(np.shape(f)) != tuple(e.shape):
+      raise ValueError(f"{where}: {prefix}{k} has shape {tuple(np.shape(f))}, expected {tuple(e.shape)}")
+  extra = sorted(set(found) - set(expected))
+  if extra:
+    raise KeyError(f"{where}: unexpected parameter(s) {[prefix + str(k) for k in extra]}")
+
+
+@dataclasses.dataclass
+class Models:
+  dit: Any
+  vae: Any
+  clip: Any
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)  # raises on an unknown dtype name
+
+
+def build_text_encoder(config):
+  """(umT5 encoder, tokenizer) from config.model.umt5 / config.ckpt.{umt5, tokenizer}."""
+  from convert.umt5 import convert_umt5_state_dict
+  from eva_jax.models import tokenizer as tok_lib
+  from eva_jax.models.umt5 import UMT5Encoder, umt5_config
+  m, c = config.model, config.ckpt
+  cfg = umt5_config(m.umt5, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+  enc = _load_into(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(3)), convert_umt5_state_dict, cfg, c.umt5, "umt5",
+                   c.random_init)
+  return enc, tok_lib.T5Tokenizer(c.tokenizer, max_length=cfg.text_len)
+
+
+def build_models(config, text_dim: int, image_dim: Optional[int] = None) -> Models:
+  """DiT, VAE and CLIP from `config.model` / `config.ckpt` (see the module docstring)."""
+  from convert.clip import convert_clip_state_dict
+  from convert.wan_dit import convert_dit_state_dict
+  from convert.wan_vae import convert_vae_state_dict
+  from eva_jax.models.clip import CLIPVisionEncoder, clip_config
+  from eva_jax.models.vae import WanVAE, vae_config
+  from eva_jax.models.wan import WanModel, wan_config
+  m, c = config.model, config.ckpt
+  clip_cfg = clip_config(m.clip, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+  clip = _load_into(lambda: CLIPVisionEncoder(clip_cfg, rngs=nnx.Rngs(2)), convert_clip_state_dict, clip_cfg,
+                    c.clip, "clip", c.random_init)
+  vae_cfg = vae_config(m.vae)  # float32, as the reference runs the VAE
+  vae = _load_into(lambda: WanVAE(vae_cfg, rngs=nnx.Rngs(1)), convert_vae_state_dict, vae_cfg, c.vae, "vae",
+                   c.random_init)
+  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention)
+  if c.random_init and not (c.dit or c.tuned):  # random tiny models: make the widths agree
+    overrides.update(text_dim=text_dim, image_dim=image_dim or clip_cfg.width)
+  dit_cfg = wan_config(m.dit, **overrides)
+  convert = lambda sd, cfg: convert_dit_state_dict(sd, cfg)
+  dit_path, prefix = (c.tuned, "model.") if c.tuned else (c.dit, None)
+  dit = _load_into(lambda: WanModel(dit_cfg, rngs=nnx.Rngs(0)), convert, dit_cfg, dit_path, "dit", c.random_init,
+                   prefix)
+  return Models(dit, vae, clip)
+
+
+# MARK: run
+
+# File names inside the released Wan2.1-I2V-14B-480P directory (ckpt.wan_dir).
+WAN_DIR_FILES = dict(dit=".", vae="Wan2.1_VAE.pth", clip="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+                     umt5="models_t5_umt5-xxl-enc-bf16.pth", tokenizer="google/umt5-xxl")
+
+
+def fill_from_wan_dir(config) -> None:
+  """Sets the empty config.ckpt.{dit, vae, clip, umt5, tokenizer} from config.ckpt.wan_dir."""
+  if not config.ckpt.wan_dir:
+    return
+  root = pathlib.Path(config.ckpt.wan_dir)
+  if not root.is_dir():
+    raise FileNotFoundError(f"config.ckpt.wan_dir={root} is not a directory")
+  for name, rel in WAN_DIR_FILES.items():
+    if not config.ckpt[name]:
+      path = root / rel
+      if not path.exists():
+        raise FileNotFoundError(f"config.ckpt.wan_dir: expected {path} for ckpt.{name}")
+      config.ckpt[name] = str(path)
+
+
+def _sampler_config(config):
+  from eva_jax.diffusion.sampler import SamplerConfig
+  return SamplerConfig(**dict(config.sampler))
+
+
+def _demo_csv(directory: pathlib.Path) -> pathlib.Path:
+  """A one-row image_csv with a rendered toy-world frame (for `configs/infer.py:tiny` without data)."""
+  from PIL import Image
+  from eva_jax.data import toyworld
+  directory.mkdir(parents=True, exist_ok=True)
+  frame = toyworld.render(np.zeros(14), size=96)[0]
+  Image.fromarray(np.concatenate([frame, frame[:, :32]], axis=1)).save(directory / "toy.png")  # 96x128
+  path = directory / "metadata.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(IMAGE_CSV_COLUMNS)
+    w.writerow(["toy.png", 96, 128, 16, 1, "Lift both arms and close the right gripper."])
+  return path
+
+
+def _encode_texts(config, rows, data_root: pathlib.Path, run_dir: pathlib.Path):
+  """Prompt embeddings [N, L, D] and the negative-prompt embedding [1, L, D] (numpy)."""
+  from eva_jax.data.video_dataset import load_array
+  from eva_jax.models import tokenizer as tok_lib
+  from eva_jax.models.umt5 import encode_prompts
+  cached = [r.get("prompt_embed_path") for r in rows]
+  if all(cached):
+    embs = [load_array(data_root / p) for p in cached]
+    if not config.neg_prompt_embed_path and config.sampler.lang_guidance:
+      raise ValueError("cached prompt embeddings need config.neg_prompt_embed_path for lang_guidance != 0")
+    neg = load_array(config.neg_prompt_embed_path)[None] if config.neg_prompt_embed_path else None
+    length = max(e.shape[0] for e in embs)
+    return np.stack([np.pad(e, ((0, length - e.shape[0]), (0, 0))) for e in embs]), neg
+  if not config.ckpt.tokenizer:
+    if not config.ckpt.random_init:
+      raise ValueError("config.ckpt.tokenizer is empty: give the google/umt5-xxl tokenizer directory")
+    words = sorted({w for r in rows for w in r["caption"].lower().replace(".", " ").replace(",", " ").split()})
+    config.ckpt.tokenizer = tok_lib.make_tiny_tokenizer(run_dir / "tokenizer", words)
+  encoder, tokenizer = build_text_encoder(config)
+  embs = np.asarray(encode_prompts(encoder, tokenizer, [r["caption"] for r in rows]))
+  neg = np.asarray(encode_prompts(encoder, tokenizer, [config.neg_prompt]))
+  del encoder  # release umT5 before the DiT is built
+  return embs, neg
+
+
+def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
+  """Generates one video per image_csv row; returns the mp4 paths under <run dir>/videos/."""
+  from eva_jax.data.video import write_video
+  from eva_jax.diffusion.sampler import I2VSampler
+  from eva_jax.parallel import make_mesh
+  from eva_jax.utils.rundir import make_run_dir, save_config
+
+  run_dir = pathlib.Path(workdir) if workdir else make_run_dir(config.output_root)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  fill_from_wan_dir(config)
+  save_config(run_dir, config)
+  scfg = _sampler_config(config)
+
+  csv_path = pathlib.Path(config.data.data_root) / config.data.metadata_path if config.data.metadata_path else None
+  if csv_path is None:
+    if not config.ckpt.random_init:
+      raise ValueError("config.data.metadata_path is empty: give an image_csv (image_path,height,width,fps,"
+                       "n_frames,caption)")
+    csv_path = _demo_csv(run_dir / "inputs")
+  rows = read_image_csv(csv_path)
+  if config.data.limit:
+    rows = rows[:config.data.limit]
+  data_root = csv_path.parent
+  frames = np.stack([load_first_frame(data_root / r["image_path"], scfg.height, scfg.width) for r in rows])
+  contexts, neg = _encode_texts(config, rows, data_root, run_dir)
+
+  models = build_models(config, text_dim=contexts.shape[-1])
+  bs = config.data.batch_size
+  mesh = None
+  if config.use_mesh:
+    mesh = make_mesh(dict(config.mesh))
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if bs % batch_ways:
+      raise ValueError(f"config.data.batch_size={bs} must be a multiple of the mesh's data x fsdp = {batch_ways} "
+                       "(the batch is sharded over both)")
+  sampler = I2VSampler(models.dit, models.vae, models.clip, scfg, mesh=mesh)
+  out_dir = run_dir / "videos"
+  paths = []
+  key = jax.random.key(config.seed)
+  for start in range(0, len(rows), bs):
+    idx = list(range(start, min(start + bs, len(rows))))
+    pad = bs - len(idx)  # keep one compiled shape: pad the last batch by repeating its last row
+    take = idx + [idx[-1]] * pad
+    video, _ = sampler.generate(jnp.asarray(frames[take]), jnp.asarray(contexts[take]),
+                                None if neg is None else jnp.asarray(neg), jax.random.fold_in(key, start))
+    video = np.asarray(jax.device_get(video))
+    for j, i in enumerate(idx):
+      stem = pathlib.Path(rows[i]["image_path"]).stem
+      paths.append(write_video(out_dir / f"{i:04d}_{stem}.mp4", video[j], fps=config.fps))
+  print(f"wrote {len(paths)} video(s) to {out_dir}")
+  return paths

@@ -1,0 +1,75 @@
+"""Inference end to end on the tiny config: image_csv -> resized first frames -> mp4 files."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.infer import get_config
+from eva_jax import inference
+from eva_jax.data.video import read_video
+
+
+def _write_csv(root, rows, columns=inference.IMAGE_CSV_COLUMNS):
+  with open(root / "metadata.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(columns)
+    w.writerows(rows)
+  return root / "metadata.csv"
+
+
+def test_read_image_csv(tmp_path):
+  _write_csv(tmp_path, [["a.png", 480, 640, 16, 1, "Click the bell."]])
+  rows = inference.read_image_csv(tmp_path / "metadata.csv")
+  assert rows == [dict(image_path="a.png", height=480, width=640, fps=16.0, n_frames=1, caption="Click the bell.")]
+  _write_csv(tmp_path, [["a.png", 480, 16, "x"]], columns=("image_path", "height", "fps", "caption"))
+  with pytest.raises(ValueError, match=r"missing column\(s\) \['width', 'n_frames'\]"):
+    inference.read_image_csv(tmp_path / "metadata.csv")
+
+
+def test_first_frame_resize_and_center_crop(tmp_path):
+  rng = np.random.default_rng(0)
+  # Already the target size: unchanged apart from the [-1, 1] mapping.
+  img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+  Image.fromarray(img).save(tmp_path / "same.png")
+  out = inference.load_first_frame(tmp_path / "same.png", 48, 64)
+  np.testing.assert_allclose(out, img / 127.5 - 1.0, atol=1e-6)
+  # Wide image at twice the height: short side 96 -> 48 (bicubic, PIL), then the central 64 columns.
+  wide = rng.integers(0, 256, (96, 200, 3), dtype=np.uint8)
+  Image.fromarray(wide).save(tmp_path / "wide.png")
+  out = inference.load_first_frame(tmp_path / "wide.png", 48, 64)
+  resized = np.asarray(Image.fromarray(wide).resize((100, 48), Image.BICUBIC), np.float32)
+  np.testing.assert_allclose(out, resized[:, 18:82] / 127.5 - 1.0, atol=1e-6)
+  assert out.shape == (48, 64, 3) and out.min() >= -1 and out.max() <= 1
+
+
+def test_tiny_inference_writes_videos(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  rng = np.random.default_rng(1)
+  Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(data / "bell.png")
+  Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)).save(data / "cup.png")
+  _write_csv(data, [["bell.png", 60, 80, 16, 1, "Click the bell."],
+                    ["cup.png", 90, 70, 16, 1, "Lift the cup, then place it down."]])
+  config = get_config("tiny")
+  config.data.data_root = str(data)
+  config.data.metadata_path = "metadata.csv"
+  paths = inference.run_inference(config, workdir=str(tmp_path / "run"))
+  assert [p.name for p in paths] == ["0000_bell.mp4", "0001_cup.mp4"]
+  assert all(p.parent == tmp_path / "run" / "videos" for p in paths)
+  s = config.sampler
+  for p in paths:
+    frames, fps = read_video(p)
+    assert frames.shape == (s.num_frames, s.height, s.width, 3)
+    assert fps == pytest.approx(16)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["sampler"]["hist_guidance"] == 1.5 and saved["sampler"]["lang_guidance"] == 2.5
+
+
+def test_missing_weights_are_an_error(tmp_path):
+  config = get_config("tiny")
+  config.ckpt.random_init = False
+  with pytest.raises(ValueError, match="metadata_path is empty"):
+    inference.run_inference(config, workdir=str(tmp_path / "run"))
