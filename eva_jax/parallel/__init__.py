@@ -6,6 +6,7 @@ from eva_jax.parallel.sharding import (  # noqa: F401
     constrain,
     logical_to_spec,
     named_sharding,
+    shard_batch,
     state_shardings,
 )
 from eva_jax.parallel.mesh import make_mesh, resolve_axis_sizes  # noqa: F401,E402

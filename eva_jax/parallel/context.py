@@ -68,3 +68,14 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh, backend
   out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch_spec)), out_specs=spec,
                       check_vma=False)(q, k, v, lengths)
   return out[:, :l] if pad else out
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla", chunk_size: int = 1024,
+                   scale: float | None = None) -> jax.Array:
+  """The DiT's self-attention entry: Ulysses when the mesh in context (`jax.set_mesh`) has a 'context'
+  axis larger than 1, plain `attention` otherwise (one device, or data/FSDP/tensor parallelism only)."""
+  from eva_jax.parallel.sharding import _current_mesh
+  mesh = _current_mesh()
+  if context_size(mesh) > 1:
+    return ulysses_attention(q, k, v, mesh=mesh, backend=backend, chunk_size=chunk_size, scale=scale)
+  return attention(q, k, v, backend=backend, chunk_size=chunk_size, scale=scale)

@@ -96,3 +96,21 @@ def _current_mesh():
   except Exception:  # older jax
     pass
   return None
+
+
+def shard_batch(x, mesh, names: Sequence[str | None] | None = None, rules=LOGICAL_AXIS_RULES):
+  """device_put an input batch by logical names (default: 'act_batch' on axis 0, the rest replicated),
+  with an error that names the mesh axes when a dimension does not divide over them."""
+  names = tuple(names) if names is not None else ("act_batch",) + (None,) * (x.ndim - 1)
+  sharding = named_sharding(mesh, names, rules)
+  for dim, (size, entry) in enumerate(zip(x.shape, sharding.spec)):
+    if entry is None:
+      continue
+    axes = entry if isinstance(entry, tuple) else (entry,)
+    parts = 1
+    for a in axes:
+      parts *= mesh.shape[a]
+    if size % parts:
+      raise ValueError(f"dimension {dim} ({names[dim]}) of size {size} does not divide over mesh axes "
+                       f"{axes} ({parts} shards); change the batch size or the mesh")
+  return jax.device_put(x, sharding)
