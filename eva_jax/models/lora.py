@@ -81,7 +81,9 @@ def lora_state(model: nnx.Module) -> nnx.State:
 def zero_lora(state):
   """A copy of a state (or pure dict) whose LoRA factors B are zero, i.e. the adapters are no-ops."""
   def zero(path, leaf):
-    return jnp.zeros_like(leaf) if path and getattr(path[-1], "key", None) == "lora_b" else leaf
+    # In an nnx.State the path ends in (..., DictKey('lora_b'), GetAttrKey('value')); in a pure dict in 'lora_b'.
+    keys = [getattr(p, "key", None) for p in path[-2:]]
+    return jnp.zeros_like(leaf) if "lora_b" in keys else leaf
   return jax.tree_util.tree_map_with_path(zero, state)
 
 
