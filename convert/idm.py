@@ -183,6 +183,37 @@ def convert_idm_state_dict(state_dict: Mapping[str, Any], cfg=None,
   return out
 
 
+def convert_resnet_backbone(state_dict: Mapping[str, Any], cfg) -> dict:
+  """A torchvision ResNet (ImageNet `resnet50` weights: `conv1.weight`, `bn1.*`, `layer1..4.*`, `fc.*`)
+  -> the `backbone` subtree of the IDM state, the way the authors initialise training: the 3-channel
+  stem is repeated over the stacked frames and divided by their number."""
+  sd = {f"model.backbone.{k}": v for k, v in unwrap_state_dict(state_dict).items()}
+  stem = "model.backbone.conv1.weight"
+  w = _to_numpy(_require(sd, stem))
+  in_ch = 3 * cfg.num_frames
+  if w.shape[1] == 3 and in_ch != 3:
+    sd[stem] = np.tile(w, (1, cfg.num_frames, 1, 1)) / cfg.num_frames
+  expected = _flatten(_expected_shapes(cfg))
+  out: dict = {}
+  used = set()
+  for path, key, transform in idm_param_mapping(cfg):
+    if path[0] != "backbone":
+      continue
+    value = TRANSFORMS[transform](_to_numpy(_require(sd, key)))
+    if value.shape != tuple(expected[path].shape):
+      raise ValueError(f"ResNet state dict: {key[len('model.backbone.'):]!r}: expected shape "
+                       f"{tuple(expected[path].shape)} (after {transform!r}), found {value.shape}")
+    node = out
+    for p in path[1:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+    used.add(key)
+  leftover = [k for k in sd if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in IGNORABLE)]
+  if leftover:
+    raise KeyError(f"ResNet state dict: unexpected keys {leftover[:10]} ({len(leftover)} in all)")
+  return out
+
+
 def _map_tree(fn, tree):
   if isinstance(tree, Mapping):
     return {k: _map_tree(fn, v) for k, v in tree.items()}
