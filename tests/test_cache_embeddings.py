@@ -162,3 +162,31 @@ def test_script_entry_point_with_overrides(tmp_path):
   assert res.returncode == 0, res.stderr[-2000:]
   assert "prompt_written=6" in res.stdout
   assert all(r["prompt_embed_path"] for r in _rows(csv_path))
+
+
+def test_build_model_from_torch_and_orbax_checkpoints(tmp_path):
+  """init='torch' converts a .pth on the fly; init='orbax' restores a converted checkpoint."""
+  import jax
+  import orbax.checkpoint as ocp
+  from transformers import UMT5Config, UMT5EncoderModel
+
+  from convert.umt5 import convert_umt5_state_dict
+  cfg = umt5_config("tiny")
+  torch.manual_seed(0)
+  hf = UMT5EncoderModel(UMT5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv,
+                                   d_ff=cfg.d_ff, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                                   feed_forward_proj="gated-gelu"))
+  torch.save(hf.state_dict(), tmp_path / "t5.pth")
+  want = convert_umt5_state_dict(hf.state_dict(), cfg)
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(tmp_path / "t5_orbax", want)
+  make = lambda r: UMT5Encoder(cfg, rngs=r)
+  for init, path in (("torch", tmp_path / "t5.pth"), ("orbax", tmp_path / "t5_orbax")):
+    sub = get_config("tiny").umt5
+    sub.update(init=init, path=str(path))
+    model = embeddings.build_model(make, sub, cfg, convert_umt5_state_dict, "umt5", seed=0)
+    got = nnx.to_pure_dict(nnx.state(model))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))), init
+  sub.update(path=str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    embeddings.build_model(make, sub, cfg, convert_umt5_state_dict, "umt5", seed=0)

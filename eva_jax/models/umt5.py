@@ -42,7 +42,6 @@ class UMT5Config:
   text_len: int = 512           # the DiT's text context length (pad/truncate target)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: bool = False           # rematerialise each block (only useful when backpropagating)
 
 
 UMT5_PRESETS: dict[str, dict[str, Any]] = {
@@ -194,16 +193,11 @@ class UMT5Encoder(nnx.Module):
     # Padded keys get the most negative float32, like the references (finite, so no NaN rows).
     mask_bias = jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
 
-    def block_fn(block: UMT5Block, x: jax.Array) -> jax.Array:
-      return block(x, buckets, mask_bias)
-
-    if self.cfg.remat:
-      block_fn = nnx.remat(block_fn)
-
+    # The encoder is frozen in EVA (inference only), so blocks are not rematerialised.
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def run(block: UMT5Block, x: jax.Array) -> jax.Array:
-      return block_fn(block, x)
+      return block(x, buckets, mask_bias)
 
     x = run(self.blocks, x)
     return self.final_norm(x)
