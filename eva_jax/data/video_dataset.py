@@ -22,6 +22,7 @@ iterator's `get_state()` / `set_state()` resume the stream exactly, also with wo
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -144,7 +145,8 @@ class ExampleLoader:
 
   Output keys: 'video' [T, H, W, 3] float32 in [-1, 1] (unless latents are cached and
   `decode_video` is off), 'prompt_embeds' [max_text_tokens, D], 'prompt_len' int32,
-  'latents' [F, h, w, 16] and 'clip_fea' [257, 1280] when cached, 'row' int32.
+  'latents' [F, h, w, 16] and 'clip_fea' [257, 1280] when cached, 'row' int32, and 'caption_id'
+  (crc32 of the caption) when prompt embeddings are not loaded.
   """
 
   def __init__(self, data_root: str | Path, cfg: Mapping[str, Any] | Any, train: bool = True):
@@ -213,6 +215,9 @@ class ExampleLoader:
                          f"{emb.shape}; expected [L <= {self.max_text_tokens}, D]")
       out["prompt_len"] = np.int32(emb.shape[0])
       out["prompt_embeds"] = np.pad(emb, ((0, self.max_text_tokens - emb.shape[0]), (0, 0)))
+    else:
+      # a stable id of the caption, for encoders that run later (or synthetic text in smoke runs)
+      out["caption_id"] = np.int64(zlib.crc32(str(rec.get("caption", "")).encode()))
     if self.load_video_latent:
       lat = self._cached(rec, "video_latent_path")  # [F, h, w, 16]
       if lat.ndim != 4:
