@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
-from eva_jax.models.vae import VAEConfig, WanVAE
+from eva_jax.models.vae import VAEConfig, WanVAE, vae_config
 
 # Our parameter path (dotted) -> diffusers key.
 _TO_DIFFUSERS: tuple[tuple[str, str], ...] = (
@@ -135,15 +135,17 @@ def _unflatten(flat: Mapping[tuple, Any]) -> dict:
   return tree
 
 
-def convert_vae_state_dict(state_dict: Mapping[str, Any], cfg: VAEConfig, *,
+def convert_vae_state_dict(state_dict: Mapping[str, Any], cfg: VAEConfig | None = None, *,
                            ignore: Iterable[str] = ()) -> dict:
   """PyTorch Wan VAE state dict (original or diffusers layout) -> nested dict like nnx.state(WanVAE(cfg)).
 
-  `ignore`: regexes of state-dict keys that may be present without being used.
+  `cfg` defaults to vae_config('wan2.1'); `ignore`: regexes of state-dict keys that may be present
+  without being used.
   """
+  cfg = cfg or vae_config("wan2.1")
   layout = detect_layout(state_dict)
   abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
-  expected = _flatten(nnx.state(abstract, nnx.Param).to_pure_dict())
+  expected = _flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   dtype = np.dtype(cfg.param_dtype)
 
   out, used, missing = {}, set(), []
@@ -154,7 +156,7 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], cfg: VAEConfig, *,
       continue
     used.add(key)
     arr = _fit(key, _to_channels_last(_to_numpy(state_dict[key])), tuple(leaf.shape))
-    out[path] = arr.astype(dtype)
+    out[path] = arr.astype(dtype, copy=False)
   ignore_re = [re.compile(p) for p in ignore]
   unexpected = sorted(k for k in state_dict if k not in used and not any(r.search(k) for r in ignore_re))
   if missing or unexpected:
