@@ -113,8 +113,11 @@ def test_encode_prompts_trims_and_zero_pads(hf_model, tmp_path):
   ids, mask = tok(prompts)
   assert ids.shape == (2, 16) and ids[0, 5] == 1 and mask[0].sum() == 6  # 5 words + </s>
   enc = _ours(hf_model.state_dict(), text_len=24)
-  out = np.asarray(encode_prompts(enc, tok, prompts))
+  out = np.asarray(encode_prompts(enc, tok, prompts, bucket=None))
   assert out.shape == (2, 24, TINY["d_model"])
+  # Encoding only up to the longest prompt (rounded to 4 tokens here) changes nothing beyond rounding.
+  cut = np.asarray(encode_prompts(enc, tok, prompts, bucket=4))
+  assert cut.shape == out.shape and rel_err(cut, out) <= 1e-6
   ref = _hf_out(hf_model, ids.astype(np.int64), mask.astype(np.int64))
   for row in range(2):
     n = int(mask[row].sum())

@@ -226,16 +226,28 @@ def _encode_padded(encoder: UMT5Encoder, ids: jax.Array, mask: jax.Array) -> jax
   return pad_to_length(hidden, mask.sum(axis=-1), encoder.cfg.text_len)
 
 
-def encode_ids(encoder: UMT5Encoder, ids: jax.Array, mask: jax.Array) -> jax.Array:
-  """Token ids/mask [B, L] -> DiT text context [B, text_len, D] (jitted; zero past each true length)."""
+def encode_ids(encoder: UMT5Encoder, ids, mask, bucket: int | None = 64) -> jax.Array:
+  """Token ids/mask [B, L] -> DiT text context [B, text_len, D] (jitted; zero past each true length).
+
+  With `bucket`, the padded tail is cut to the longest prompt rounded up to a multiple of `bucket`
+  before encoding. Valid positions are unchanged (padded keys are masked and the relative bias only
+  depends on distances), and short captions cost a fraction of the full 512 tokens; at most
+  512 / bucket shapes are compiled. `bucket=None` encodes the full padded length, as Wan does.
+  """
+  ids, mask = np.asarray(ids), np.asarray(mask)
+  if bucket:
+    longest = int(mask.sum(axis=-1).max(initial=1))
+    keep = min(ids.shape[1], max(bucket, -(-longest // bucket) * bucket))
+    ids, mask = ids[:, :keep], mask[:, :keep]
   return _encode_padded(encoder, jnp.asarray(ids), jnp.asarray(mask))
 
 
-def encode_prompts(encoder: UMT5Encoder, tokenizer, prompts: Sequence[str]) -> jax.Array:
+def encode_prompts(encoder: UMT5Encoder, tokenizer, prompts: Sequence[str],
+                   bucket: int | None = 64) -> jax.Array:
   """Prompts -> [B, text_len, D]: tokenised to text_len, encoded, zero past each true length.
 
   `tokenizer` is an `eva_jax.models.tokenizer.T5Tokenizer` (or anything whose call returns
-  `(ids [B, L], mask [B, L])`).
+  `(ids [B, L], mask [B, L])`); `bucket` as in `encode_ids`.
   """
   ids, mask = tokenizer(list(prompts))
-  return encode_ids(encoder, ids, mask)
+  return encode_ids(encoder, ids, mask, bucket)
