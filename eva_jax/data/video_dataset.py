@@ -108,26 +108,9 @@ def to_unit_range(frames: np.ndarray) -> np.ndarray:
 
 # MARK: files
 def load_array(path: str | Path) -> np.ndarray:
-  """A cached tensor as float32 numpy: .npy / .npz (first array) / .safetensors (first) / .pt (torch)."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"cached tensor {path} does not exist")
-  suffix = path.suffix
-  if suffix == ".npy":
-    arr = np.load(path)
-  elif suffix == ".npz":
-    with np.load(path) as z:
-      arr = z[z.files[0]]
-  elif suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    tensors = load_file(str(path))
-    arr = tensors[sorted(tensors)[0]]
-  elif suffix == ".pt":
-    import torch  # the original caches prompt embeddings with torch.save
-    arr = torch.load(path, map_location="cpu", weights_only=True).float().numpy()
-  else:
-    raise ValueError(f"cached tensor {path}: unknown format {suffix!r} (expected .npy, .npz, .safetensors, .pt)")
-  return np.asarray(arr, dtype=np.float32)
+  """A cached tensor as float32 (.npy / .safetensors / the original's .pt), via eva_jax.data.embeddings."""
+  from eva_jax.data.embeddings import load_array as _load
+  return _load(path)
 
 
 def _read_frames(path: Path, indices: np.ndarray | None, camera: str) -> tuple[np.ndarray, float]:
