@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Model presets and precision.
   c.model = ml_collections.ConfigDict(dict(dit="i2v-14b", vae="wan2.1", clip="vit-h-14", umt5="umt5-xxl",
                                            dtype="bfloat16", param_dtype="bfloat16", attention="cudnn"))
+  c.model.dit_overrides = ml_collections.ConfigDict()  # extra WanConfig fields (e.g. remat, attn_chunk_size)
 
   # Weights: '' = not given; orbax directories or PyTorch files (converted on the fly).
   c.ckpt = ml_collections.ConfigDict(dict(
@@ -62,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampler.update(num_frames=9, height=32, width=48, num_steps=6)
     c.model.update(dit="tiny-i2v", vae="tiny", clip="tiny", umt5="tiny", dtype="float32",
                    param_dtype="float32", attention="xla")
+    c.model.dit_overrides = ml_collections.ConfigDict(dict(text_dim=32, image_dim=32))  # tiny umT5 / CLIP widths
     c.ckpt.random_init = True
     c.use_mesh = False
   return c

@@ -5,10 +5,11 @@
 
 Models are built from `config.model` (presets) and `config.ckpt` (weights), each one of:
   * ''                  random init (only with `ckpt.random_init=True`: tiny smoke runs, benchmarks);
-  * an orbax directory  a converted checkpoint (eva_jax.training.checkpoints layout: <step>/state);
-  * PyTorch files       converted on the fly by convert.* (.pth/.pt/.ckpt, .safetensors, or a directory
-                        of .safetensors shards); Lightning .ckpt files are unwrapped ('state_dict', the
-                        'model.' prefix stripped), as EVA's `tuned_ckpt_path` loader does.
+  * an orbax directory  written by `python -m convert --kind {dit,vae,clip,umt5}`; read straight into
+                        the (sharded) parameters;
+  * PyTorch weights     converted on the fly by convert.* through `convert.io.open_state_dict`
+                        (.pth/.pt/.ckpt, .safetensors, a directory of shards); a Lightning .ckpt such as
+                        EVA's `tuned_ckpt_path` is unwrapped and its 'model.' prefix recognised.
 `ckpt.tuned` (EVA's fine-tuned DiT, e.g. eva_i2v_14B.ckpt) replaces the DiT weights of `ckpt.dit`.
 
 The image_csv (spec/eva.md F.2) has columns `image_path,height,width,fps,n_frames,caption`; each
@@ -91,64 +92,55 @@ def load_first_frame(path: str | pathlib.Path, height: int, width: int) -> np.nd
 
 # MARK: weights
 
-def load_torch_state_dict(path: str | pathlib.Path, strip_prefix: Optional[str] = None) -> Mapping[str, Any]:
-  """A PyTorch/safetensors checkpoint as {key: tensor}; a directory means all its .safetensors shards."""
+def is_converted_checkpoint(path: str | pathlib.Path) -> bool:
+  """An orbax checkpoint written by `python -m convert` (has eva_convert.json or orbax metadata)."""
   path = pathlib.Path(path)
-  if path.is_dir():
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
-      raise FileNotFoundError(f"{path}: no .safetensors files (and no orbax checkpoint)")
-    files = shards
-  elif path.is_file():
-    files = [path]
+  return path.is_dir() and any((path / n).exists() for n in ("eva_convert.json", "_CHECKPOINT_METADATA",
+                                                              "_METADATA"))
+
+
+def _str_keys(tree):
+  return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _rekey(tree, template):
+  """A string-keyed restored dict re-keyed like `template` (integer keys for layer lists)."""
+  if not isinstance(template, Mapping):
+    return tree
+  return {k: _rekey(tree[str(k)], v) for k, v in template.items()}
+
+
+def load_converted(path: str | pathlib.Path, build, mesh=None):
+  """The module `build()` makes, with parameters read from a converted orbax checkpoint, placed by
+  their logical axis names on `mesh` (or on the first device) straight from disk."""
+  from orbax.checkpoint.experimental import v1 as ocp
+  from eva_jax.parallel.sharding import state_shardings
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  pure = nnx.to_pure_dict(state)
+  if mesh is not None:
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
   else:
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  state: dict[str, Any] = {}
-  for f in files:
-    if f.suffix == ".safetensors":
-      from safetensors.torch import load_file
-      state.update(load_file(str(f)))
-    else:
-      import torch
-      obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-      if isinstance(obj, Mapping) and "state_dict" in obj:  # Lightning .ckpt
-        obj = obj["state_dict"]
-      state.update(obj)
-  if strip_prefix:
-    if any(k.startswith(strip_prefix) for k in state):
-      state = {k[len(strip_prefix):]: v for k, v in state.items() if k.startswith(strip_prefix)}
-  return state
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: one, pure)
+  targets = jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), pure, shardings)
+  nnx.replace_by_pure_dict(state, _rekey(ocp.load(str(pathlib.Path(path).absolute()), _str_keys(targets)),
+                                         targets))
+  return nnx.merge(graphdef, state)
 
 
-def _is_orbax_dir(path: pathlib.Path) -> bool:
-  return path.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
-
-
-def _restore_orbax(path: pathlib.Path) -> dict:
-  """The latest step of a Checkpointer directory as a pure dict; a {'params': ...} wrapper is unwrapped."""
-  from eva_jax.training.checkpoints import Checkpointer
-  ckpt = Checkpointer(path, async_save=False)
-  state, _ = ckpt.restore()
-  ckpt.close()
-  for key in ("params", "model"):
-    if isinstance(state, Mapping) and key in state and len(state) <= 3:
-      state = state[key]
-  return state
-
-
-def _load_into(build, convert_fn, cfg, path: str, name: str, random_init: bool, prefix: Optional[str] = None):
-  """Builds a module with random weights, or abstractly and then fills it from a checkpoint."""
+def _load_into(build, convert_fn, cfg, path: str, name: str, random_init: bool, mesh=None):
+  """Random weights (path ''), a converted orbax checkpoint, or PyTorch weights converted on the fly."""
   if not path:
     if not random_init:
       raise ValueError(f"config.ckpt.{name} is empty and config.ckpt.random_init is False: give a checkpoint "
-                       "(orbax directory or PyTorch file) or allow random weights")
+                       "(orbax directory from `python -m convert`, or PyTorch weights)")
     return build()
-  p = pathlib.Path(path)
-  module = nnx.eval_shape(build)
-  graphdef, state = nnx.split(module)
-  weights = _restore_orbax(p) if _is_orbax_dir(p) else convert_fn(load_torch_state_dict(p, prefix), cfg)
-  pure = nnx.to_pure_dict(state)
-  _check_tree(pure, weights, f"config.ckpt.{name}={path}")
+  if is_converted_checkpoint(path):
+    return load_converted(path, build, mesh)
+  from convert.io import open_state_dict
+  weights = convert_fn(open_state_dict(path), cfg)  # strict: missing/unexpected keys or shapes raise
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  _check_tree(nnx.to_pure_dict(state), weights, f"config.ckpt.{name}={path}")
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, weights))
   return nnx.merge(graphdef, state)
 
@@ -181,7 +173,7 @@ def _dtype(name: str):
   return jnp.dtype(name)  # raises on an unknown dtype name
 
 
-def build_text_encoder(config):
+def build_text_encoder(config, mesh=None):
   """(umT5 encoder, tokenizer) from config.model.umt5 / config.ckpt.{umt5, tokenizer}."""
   from convert.umt5 import convert_umt5_state_dict
   from eva_jax.models import tokenizer as tok_lib
@@ -189,11 +181,11 @@ def build_text_encoder(config):
   m, c = config.model, config.ckpt
   cfg = umt5_config(m.umt5, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
   enc = _load_into(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(3)), convert_umt5_state_dict, cfg, c.umt5, "umt5",
-                   c.random_init)
+                   c.random_init, mesh)
   return enc, tok_lib.T5Tokenizer(c.tokenizer, max_length=cfg.text_len)
 
 
-def build_models(config, text_dim: int, image_dim: Optional[int] = None) -> Models:
+def build_models(config, text_dim: int, mesh=None) -> Models:
   """DiT, VAE and CLIP from `config.model` / `config.ckpt` (see the module docstring)."""
   from convert.clip import convert_clip_state_dict
   from convert.wan_dit import convert_dit_state_dict
@@ -204,18 +196,26 @@ def build_models(config, text_dim: int, image_dim: Optional[int] = None) -> Mode
   m, c = config.model, config.ckpt
   clip_cfg = clip_config(m.clip, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
   clip = _load_into(lambda: CLIPVisionEncoder(clip_cfg, rngs=nnx.Rngs(2)), convert_clip_state_dict, clip_cfg,
-                    c.clip, "clip", c.random_init)
+                    c.clip, "clip", c.random_init, mesh)
   vae_cfg = vae_config(m.vae)  # float32, as the reference runs the VAE
   vae = _load_into(lambda: WanVAE(vae_cfg, rngs=nnx.Rngs(1)), convert_vae_state_dict, vae_cfg, c.vae, "vae",
-                   c.random_init)
-  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention)
-  if c.random_init and not (c.dit or c.tuned):  # random tiny models: make the widths agree
-    overrides.update(text_dim=text_dim, image_dim=image_dim or clip_cfg.width)
+                   c.random_init, mesh)
+  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, **dict(m.dit_overrides))
   dit_cfg = wan_config(m.dit, **overrides)
-  convert = lambda sd, cfg: convert_dit_state_dict(sd, cfg)
-  dit_path, prefix = (c.tuned, "model.") if c.tuned else (c.dit, None)
-  dit = _load_into(lambda: WanModel(dit_cfg, rngs=nnx.Rngs(0)), convert, dit_cfg, dit_path, "dit", c.random_init,
-                   prefix)
+  if dit_cfg.text_dim != text_dim:
+    raise ValueError(f"the DiT ({m.dit}) takes text_dim={dit_cfg.text_dim}, the prompt embeddings have {text_dim} "
+                     "channels (config.model.dit_overrides.text_dim / the text encoder preset)")
+  if dit_cfg.is_i2v and dit_cfg.image_dim != clip_cfg.width:
+    raise ValueError(f"the DiT ({m.dit}) takes image_dim={dit_cfg.image_dim}, CLIP ({m.clip}) gives "
+                     f"{clip_cfg.width} (config.model.dit_overrides.image_dim)")
+  convert = lambda sd, cfg: convert_dit_state_dict(sd, cfg)  # Lightning 'model.' keys are detected there
+  dit_path = c.tuned or c.dit  # EVA's tuned checkpoint holds the whole DiT: it replaces the base weights
+  if dit_path and is_converted_checkpoint(dit_path):
+    from eva_jax.models.wan import load_dit
+    dit = load_dit(dit_path, dit_cfg, mesh)
+  else:
+    dit = _load_into(lambda: WanModel(dit_cfg, rngs=nnx.Rngs(0)), convert, dit_cfg, dit_path,
+                     "tuned" if c.tuned else "dit", c.random_init, mesh)
   return Models(dit, vae, clip)
 
 
@@ -261,7 +261,7 @@ def _demo_csv(directory: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _encode_texts(config, rows, data_root: pathlib.Path, run_dir: pathlib.Path):
+def _encode_texts(config, rows, data_root: pathlib.Path, run_dir: pathlib.Path, mesh=None):
   """Prompt embeddings [N, L, D] and the negative-prompt embedding [1, L, D] (numpy)."""
   from eva_jax.data.video_dataset import load_array
   from eva_jax.models import tokenizer as tok_lib
@@ -279,7 +279,7 @@ def _encode_texts(config, rows, data_root: pathlib.Path, run_dir: pathlib.Path):
       raise ValueError("config.ckpt.tokenizer is empty: give the google/umt5-xxl tokenizer directory")
     words = sorted({w for r in rows for w in r["caption"].lower().replace(".", " ").replace(",", " ").split()})
     config.ckpt.tokenizer = tok_lib.make_tiny_tokenizer(run_dir / "tokenizer", words)
-  encoder, tokenizer = build_text_encoder(config)
+  encoder, tokenizer = build_text_encoder(config, mesh)
   embs = np.asarray(encode_prompts(encoder, tokenizer, [r["caption"] for r in rows]))
   neg = np.asarray(encode_prompts(encoder, tokenizer, [config.neg_prompt]))
   del encoder  # release umT5 before the DiT is built
@@ -305,14 +305,6 @@ def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
       raise ValueError("config.data.metadata_path is empty: give an image_csv (image_path,height,width,fps,"
                        "n_frames,caption)")
     csv_path = _demo_csv(run_dir / "inputs")
-  rows = read_image_csv(csv_path)
-  if config.data.limit:
-    rows = rows[:config.data.limit]
-  data_root = csv_path.parent
-  frames = np.stack([load_first_frame(data_root / r["image_path"], scfg.height, scfg.width) for r in rows])
-  contexts, neg = _encode_texts(config, rows, data_root, run_dir)
-
-  models = build_models(config, text_dim=contexts.shape[-1])
   bs = config.data.batch_size
   mesh = None
   if config.use_mesh:
@@ -321,6 +313,14 @@ def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
     if bs % batch_ways:
       raise ValueError(f"config.data.batch_size={bs} must be a multiple of the mesh's data x fsdp = {batch_ways} "
                        "(the batch is sharded over both)")
+  rows = read_image_csv(csv_path)
+  if config.data.limit:
+    rows = rows[:config.data.limit]
+  data_root = csv_path.parent
+  frames = np.stack([load_first_frame(data_root / r["image_path"], scfg.height, scfg.width) for r in rows])
+  contexts, neg = _encode_texts(config, rows, data_root, run_dir, mesh)
+
+  models = build_models(config, text_dim=contexts.shape[-1], mesh=mesh)
   sampler = I2VSampler(models.dit, models.vae, models.clip, scfg, mesh=mesh)
   out_dir = run_dir / "videos"
   paths = []

