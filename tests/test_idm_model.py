@@ -258,7 +258,7 @@ def test_converter_is_strict(tiny_pair):
 
   # fc.* and num_batches_tracked are the only leftovers allowed; the config is inferred.
   assert "model.backbone.fc.weight" in sd and any(k.endswith("num_batches_tracked") for k in sd)
-  inferred = infer_idm_config(good, image_size=(64, 64))
+  inferred = infer_idm_config(good, image_size=cfg.image_size)
   assert dataclasses.replace(inferred, train_mean=cfg.train_mean, train_std=cfg.train_std) == cfg
   np.testing.assert_allclose(inferred.train_mean, cfg.train_mean, rtol=1e-6)
   np.testing.assert_allclose(convert_idm_state_dict(sd)["spatial_softmax"]["temperature"], [0.7])

@@ -84,6 +84,7 @@ def _config(root, **train):
   c.data.root = str(root)
   c.data.tfds_dir = str(root.parent / "tfds")  # shared by the runs: prepared once
   c.model.blocks = (1,)                         # one stage is enough here and compiles fast
+  c.model.image_size = (32, 32)                 # -> an 8x8 map for the spatial softmax
   c.optim.update(dict(total_steps=8, warmup_steps=1, learning_rate=3e-3))
   c.train.update(dict(num_steps=8, log_every=1, checkpoint_every=100))
   c.train.update(train)

@@ -72,7 +72,8 @@ class IDMConfig:
 
 IDM_CONFIGS: dict[str, dict[str, Any]] = {
     "resnet50": {},
-    "tiny": dict(blocks=(1, 1, 1, 1), width=8, mlp_dims=(32, 16), image_size=(64, 64)),
+    # tiny: every stage once, 4x4 trunk output at 128 px (a 1x1 map would make the spatial softmax constant)
+    "tiny": dict(blocks=(1, 1, 1, 1), width=8, mlp_dims=(32, 16), image_size=(128, 128)),
 }
 
 
