@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.overwrite = False            # re-encode rows whose files are already valid
   c.save_dtype = "float32"       # or float16 (half the disk)
   c.height, c.width = 480, 640   # first frames are centre-cropped/resized to this before CLIP / VAE
+  c.camera = "head_camera"       # for RoboTwin .hdf5 rows
 
   c.umt5 = ml_collections.ConfigDict(dict(
       preset="umt5-xxl", init="torch", path="", tokenizer_path="", dtype="bfloat16",

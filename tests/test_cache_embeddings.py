@@ -190,3 +190,20 @@ def test_build_model_from_torch_and_orbax_checkpoints(tmp_path):
   sub.update(path=str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="nowhere"):
     embeddings.build_model(make, sub, cfg, convert_umt5_state_dict, "umt5", seed=0)
+
+
+def test_first_frame_from_image_and_robotwin_episode(tmp_path):
+  from PIL import Image
+
+  from eva_jax.data.robotwin import write_episode
+  yy, xx = np.meshgrid(np.arange(24), np.arange(32), indexing="ij")  # smooth: JPEG keeps it
+  frame = np.stack([yy * 10, xx * 8, (yy + xx) * 4], axis=-1).astype(np.uint8)
+  frames = np.stack([frame, 255 - frame])
+  Image.fromarray(frames[0]).save(tmp_path / "f.png")
+  write_episode(tmp_path / "ep.hdf5", frames, np.zeros((2, 14), np.float32))
+  png = embeddings.first_frame(tmp_path / "f.png", 24, 32)  # same size: no resampling
+  np.testing.assert_allclose(png, frames[0] / 127.5 - 1.0, atol=1e-6)
+  ep = embeddings.first_frame(tmp_path / "ep.hdf5", 24, 32)  # JPEG-coded frame 0
+  assert ep.shape == (24, 32, 3) and np.abs(ep - png).mean() < 0.03
+  wide = embeddings.first_frame(tmp_path / "f.png", 12, 12)  # centre 24x24 crop, then 12x12
+  assert wide.shape == (12, 12, 3)

@@ -196,7 +196,7 @@ def _text_encoder(config, captions: Sequence[str], workdir: Path):
 
 def _words(text: str) -> list[str]:
   import re  # pylint: disable=g-import-not-at-top
-  return re.findall(r"\w+|[^\w\s]", text.lower())
+  return re.findall(r"\w+|[^\w\s]+", text.lower())  # the tiny tokenizer's Whitespace split
 
 
 # MARK: the cache job
@@ -250,14 +250,18 @@ def _cache_prompts(config, rows, media, root: Path, workdir: Path, stats: dict) 
   stats["captions_encoded"] += len(captions)
 
 
-def first_frame(path: Path, height: int, width: int) -> np.ndarray:
-  """The first frame of a video or an image, centre-cropped to height:width and resized to it,
-  in [-1, 1] float32 [height, width, 3] (what the SFT loader gives the models as frame 0)."""
+def first_frame(path: Path, height: int, width: int, camera: str = "head_camera") -> np.ndarray:
+  """The first frame of a video, image or RoboTwin episode (.hdf5, `camera`), centre-cropped to
+  height:width and resized to it, in [-1, 1] float32 [height, width, 3]."""
   # pylint: disable=g-import-not-at-top
   from eva_jax.data.video_dataset import resize_frames, to_unit_range
-  if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+  suffix = path.suffix.lower()
+  if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
     from PIL import Image
     frame = np.asarray(Image.open(path).convert("RGB"))
+  elif suffix in (".hdf5", ".h5"):
+    from eva_jax.data.robotwin import decode_frame, read_jpeg_bytes
+    frame = decode_frame(read_jpeg_bytes(path, camera)[0][0], path=path, index=0)
   else:
     from eva_jax.data.video import read_video
     frame = read_video(path, indices=[0])[0][0]
@@ -320,7 +324,8 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model
   bs = config.batch_size
   bar = progress(total=len(todo), desc=f"{kind} first frames")
   for batch in _batches(todo, bs):
-    frames = np.stack([first_frame(root / rows[i][media], config.height, config.width) for i in batch])
+    frames = np.stack([first_frame(root / rows[i][media], config.height, config.width, config.camera)
+                       for i in batch])
     frames = np.pad(frames, ((0, bs - len(batch)),) + ((0, 0),) * 3)  # static batch shape
     out = jax.device_get(encode(model, jnp.asarray(frames)))
     for j, i in enumerate(batch):
