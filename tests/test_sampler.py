@@ -111,3 +111,21 @@ def test_condition_checks_shapes(tiny_sampler, inputs):
     tiny_sampler.condition(first[:, :16], ctx, neg)
   with pytest.raises(ValueError, match="neg_context"):
     tiny_sampler.condition(first, ctx, None)
+
+
+def test_eva_size_traces_with_14b_shapes():
+  """EVA's real setting (i2v-14B, 49x480x640, 40 steps, both guidances) traces abstractly: no compile, no memory."""
+  cfg = SamplerConfig()
+  dit_cfg = wan_config("i2v-14b", dtype="bfloat16", param_dtype="bfloat16")
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: WanModel(dit_cfg, rngs=nnx.Rngs(0))))
+  sched = sampler_lib.make_schedule(cfg)
+  shape = sampler_lib.latent_shape(cfg, 1)
+  sds = jax.ShapeDtypeStruct
+  cond = sampler_lib.Conditioning(clean=sds((1, 1) + shape[2:], jnp.float32),
+                                  context=sds((1, 512, 4096), jnp.bfloat16),
+                                  neg_context=sds((1, 512, 4096), jnp.bfloat16),
+                                  clip_fea=sds((1, 257, 1280), jnp.bfloat16))
+  out = jax.eval_shape(
+      lambda p, c, n, k: sampler_lib.sample_latents(sampler_lib._nnx_apply(graphdef), p, cfg, sched, c, n, k),
+      params, cond, sds(shape, jnp.float32), jax.random.key(0))
+  assert out.shape == (1, 13, 60, 80, 16) and out.dtype == jnp.float32
