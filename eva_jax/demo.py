@@ -177,13 +177,17 @@ def _vae_checkpoint(ctx: DemoContext) -> dict[str, Any]:
 
 
 def _idm_overrides(ctx: DemoContext) -> dict[str, Any]:
-  c, d = ctx.config.idm, ctx.config.data
+  c = ctx.config.idm
+  every = max(c.num_steps // 4, 1)  # validate (best/ by val MAE) and checkpoint 4 times
   return {"data.root": str(ctx.data_root), "data.tfds_dir": str(ctx.stage_dir("idm") / "tfds"),
           # Normalise by the toy joints' statistics, not the AnyPos constants of the release.
           "data.norm_stats": "dataset", "seed": ctx.config.seed,
           "model.image_size": (c.image_size, c.image_size),
+          # The toy camera and colours never change; colour jitter would only slow learning.
+          "augment.color_jitter": False,
           "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
-          "optim.learning_rate": c.learning_rate}
+          "train.checkpoint_every": every, "eval.every": every,
+          "optim.learning_rate": c.learning_rate, "optim.total_steps": c.num_steps}
 
 
 def _sft_overrides(ctx: DemoContext) -> dict[str, Any]:
