@@ -123,3 +123,19 @@ def test_convert_wan_reexports_the_vae_converter(tiny_sd):
   a = dict(_flat(wan.convert_vae_state_dict(sd, cfg)))
   b = dict(_flat(convert_vae_state_dict(sd, cfg)))
   assert a.keys() == b.keys()
+
+
+def test_cli_checkpoint_loads_into_the_model(tiny_sd, tmp_path):
+  import jax
+  from flax import nnx
+  from convert.cli import convert
+  from eva_jax.models.vae import load_vae
+  cfg, sd = tiny_sd
+  torch.save(sd, tmp_path / "vae.pth")
+  convert("vae", str(tmp_path / "vae.pth"), str(tmp_path / "ckpt"), config="tiny", progress=False)
+  vae = load_vae(str(tmp_path / "ckpt"), cfg)
+  loaded = dict(_flat(nnx.to_pure_dict(nnx.state(vae))))
+  direct = dict(_flat(convert_vae_state_dict(sd, cfg)))
+  assert loaded.keys() == direct.keys()
+  for path in direct:
+    np.testing.assert_array_equal(np.asarray(jax.device_get(loaded[path])), direct[path], err_msg=str(path))

@@ -271,3 +271,38 @@ class WanVAE(nnx.Module):
     if x.shape[1] > 1:
       rest = _scan_chunks(step, cache, jnp.moveaxis(x[:, 1:, None], 1, 0))
     return constrain(_merge_time(v0, rest), ("act_batch", None, None, None, None))
+
+
+# MARK: loading
+
+def _string_keyed(tree):
+  return {str(k): _string_keyed(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _keyed_like(tree, template):
+  """Orbax stores list indices as strings; give them back the int keys of `template`."""
+  if not isinstance(template, dict):
+    return tree
+  return {k: _keyed_like(tree[str(k)], v) for k, v in template.items()}
+
+
+def load_vae(path: str, cfg: VAEConfig, mesh: jax.sharding.Mesh | None = None) -> WanVAE:
+  """WanVAE(cfg) with parameters restored from the orbax checkpoint written by `python -m convert --kind vae`.
+
+  Built abstractly (no random init); each parameter is read onto the sharding its logical axis names
+  give on `mesh` (or onto the first device), cast to cfg.param_dtype.
+  """
+  from orbax.checkpoint.experimental import v1 as ocp
+  from eva_jax.parallel.sharding import state_shardings
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
+  if mesh is not None:
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+  else:
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: single, nnx.to_pure_dict(state))
+  targets = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                         nnx.to_pure_dict(state), shardings)
+  restored = _keyed_like(ocp.load(path, _string_keyed(targets)), targets)
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state)
