@@ -1,0 +1,75 @@
+"""Flow-GRPO post-training of the Wan I2V DiT with EVA's IDM smoothness reward.
+
+  python scripts/train_grpo.py --config=configs/grpo.py --config.reward.idm_checkpoint=/path/IDM_singleview.pt \
+      --config.model.checkpoint=outputs/<sft run>/checkpoints
+  python scripts/train_grpo.py --config=configs/grpo.py:tiny --config.reward.idm_checkpoint=<tiny IDM ckpt>
+
+Defaults are EVA's recipe (spec/eva.md D.1): LoRA r=32/α=32 on q,k,v,o,k_img,v_img; 8 rollouts per
+first frame; 40 SDE steps ('eva' noise schedule), 39 trained; 4 inner epochs; clip range 1e-5;
+β_KL 0.004; AdamW lr 2e-4, betas (0.9, 0.999), wd 1e-4, grad-norm clip 1.0; no CFG in RL.
+`tiny` is the CPU smoke variant (tiny DiT/VAE/IDM, 3 latent frames of 4×4, 4 steps).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import mesh_config, parse_arg
+from eva_jax.rl.reward import piper_aloha
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = parse_arg(arg, variant="14b")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_iterations = 100                  # EVA num_epochs (one rollout batch each)
+
+  # The policy: Wan I2V DiT + LoRA; the frozen base comes from the SFT checkpoint (orbax dir).
+  c.model = ml_collections.ConfigDict(dict(
+      preset="i2v-14b", checkpoint="", dtype="bfloat16", param_dtype="bfloat16", attention="cudnn",
+      remat="full", lora_rank=32, lora_alpha=32.0, num_layers=0))   # num_layers 0 = the preset's
+  c.vae = ml_collections.ConfigDict(dict(preset="wan2.1", checkpoint=""))
+
+  # Reward: EVA's IDM and smoothness constants (spec/eva.md C). The IDM checkpoint is required.
+  sm = piper_aloha()
+  c.reward = ml_collections.ConfigDict(dict(
+      idm_checkpoint="", idm_preset="resnet50", idm_batch_size=0, fps=16.0,
+      smoothness=dict(v_max=list(sm.v_max), a_max=list(sm.a_max), dim_weights=list(sm.dim_weights),
+                      huber_factor=sm.huber_factor, w_jerk=sm.w_jerk, w_acc=sm.w_acc, w_vlim=sm.w_vlim,
+                      w_alim=sm.w_alim, p0=sm.p0, gamma=sm.gamma, r_max=sm.r_max)))
+
+  # Rollouts: group_size rollouts for each of num_prompts first frames per iteration.
+  c.sample = ml_collections.ConfigDict(dict(
+      num_steps=40, shift=3.0, group_size=8, num_prompts=1, latent_frames=13, latent_height=60,
+      latent_width=80, sde_variant="eva", noise_level=0.7, eval_every=10))
+
+  c.train = ml_collections.ConfigDict(dict(
+      timestep_fraction=0.99, num_inner_epochs=4, micro_batch=0, accum_micro=0, clip_range=1e-5,
+      adv_clip=5.0, beta=0.004, per_prompt_stat_tracking=True, global_std=False))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+      schedule="constant", warmup_steps=0, grad_clip_norm=1.0, grad_clip_value=0.0, accumulate_steps=1))
+
+  # First frames and their conditioning. 'synthetic': seeded random latents / text / CLIP features
+  # (smoke runs and benchmarks); num_conditions distinct "prompts" are cycled through.
+  c.data = ml_collections.ConfigDict(dict(kind="synthetic", num_conditions=8, text_tokens=512))
+
+  c.mesh = mesh_config(data=-1)
+  c.log = ml_collections.ConfigDict(dict(
+      checkpoint_every=10, keep_checkpoints=3, video_every=10, plot_every=10, num_videos=2))
+
+  if arg.variant == "tiny":
+    c.num_iterations = 3
+    c.model.update(dict(preset="tiny-i2v", dtype="float32", param_dtype="float32", attention="xla",
+                        remat="none", lora_rank=4, lora_alpha=4.0))
+    c.vae.preset = "tiny"
+    c.reward.idm_preset = "tiny"
+    c.sample.update(dict(num_steps=4, group_size=4, num_prompts=2, latent_frames=3, latent_height=4,
+                         latent_width=4, eval_every=2))
+    c.train.num_inner_epochs = 2
+    c.optim.learning_rate = 1e-3
+    c.data.update(dict(num_conditions=4, text_tokens=8))
+    c.log.update(dict(checkpoint_every=1, video_every=2, plot_every=2, num_videos=1))
+  elif arg.variant != "14b":
+    raise ValueError(f"configs/grpo.py: unknown variant {arg.variant!r}; choose '14b' or 'tiny'")
+  return c
