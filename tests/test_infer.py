@@ -100,3 +100,33 @@ def test_converted_orbax_checkpoints_load(tmp_path):
   for ref, module in ((vae_ref, models.vae), (dit_ref, models.dit)):
     got = nnx.to_pure_dict(nnx.state(module))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, ref)
+
+
+def test_pytorch_weights_convert_on_the_fly(tmp_path):
+  """A PyTorch VAE file (diffusers layout, .safetensors) is converted while the models are built."""
+  import jax
+  import torch
+  from diffusers import AutoencoderKLWan
+  from flax import nnx
+  from safetensors.torch import save_file
+
+  from convert.wan_vae import convert_vae_state_dict
+  from eva_jax.models.vae import vae_config
+
+  cfg = vae_config("tiny")
+  torch.manual_seed(0)
+  ref = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                         num_res_blocks=cfg.num_res_blocks, attn_scales=list(cfg.attn_scales),
+                         temperal_downsample=list(cfg.temporal_downsample))
+  sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+  save_file(sd, str(tmp_path / "vae.safetensors"))
+  config = get_config("tiny")
+  config.ckpt.vae = str(tmp_path / "vae.safetensors")
+  models = inference.build_models(config, text_dim=32)
+  expected = convert_vae_state_dict(sd, cfg)
+  got = nnx.to_pure_dict(nnx.state(models.vae))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, expected)
+  # A file of the wrong model is refused with the offending key named.
+  config.ckpt.clip = str(tmp_path / "vae.safetensors")
+  with pytest.raises((KeyError, ValueError)):
+    inference.build_models(config, text_dim=32)
