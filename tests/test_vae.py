@@ -131,14 +131,16 @@ def test_real_config_round_trip_on_cpu():
 
 
 def test_batch_sharded_decode_equals_single_device(tiny):
-  mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
-  z = jax.random.normal(jax.random.key(2), (8, 2, 2, 3, 16))
+  # Batch 2 over a 2-device 'data' mesh: the same shape as the 5-frame parity case, so the
+  # single-device executable is reused and only the sharded one compiles.
+  mesh = parallel.make_mesh({"data": 2}, devices=jax.devices()[:2])
+  z = jax.random.normal(jax.random.key(2), (2, 2, 2, 3, 16))
   single = tiny["dec"](tiny["state"], z)
-  sharded_z = jax.device_put(z, NamedSharding(mesh, P(("data", "fsdp"))))
+  sharded_z = jax.device_put(z, NamedSharding(mesh, P("data")))
   with jax.set_mesh(mesh):
     out = tiny["dec"](tiny["state"], sharded_z)
-  assert out.sharding.spec[0] == ("data", "fsdp")
-  # 1e-6 measured ~1e-6: a per-device batch of 1 changes XLA's conv blocking (summation order).
+  assert out.sharding.spec[0] == "data"
+  # measured ~1e-6: a per-device batch of 1 changes XLA's conv blocking (summation order).
   assert rel_err(out, single) <= 1e-5
 
 
