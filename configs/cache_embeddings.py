@@ -12,8 +12,8 @@
 The EVA equivalent is `experiments/process_data.py:cache_prompt_embed`. Files go next to the videos as
 `prompt_embeds/<video_path>.npy` (see eva_jax/data/embeddings.py); the CSV gains `prompt_embed_path`
 (and `clip_embed_path`, `first_latent_path`) and is replaced atomically at the end; reruns resume.
-Model weights: init 'torch' (Wan .pth / HF safetensors, converted on the fly), 'orbax' (a converted
-checkpoint) or 'random' (smoke runs).
+Model weights: init 'torch' (Wan .pth / HF safetensors, converted on the fly), 'orbax' (the output of
+`python -m convert --kind umt5|clip|vae`) or 'random' (smoke runs).
 """
 
 from __future__ import annotations

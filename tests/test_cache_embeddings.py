@@ -165,11 +165,11 @@ def test_script_entry_point_with_overrides(tmp_path):
 
 
 def test_build_model_from_torch_and_orbax_checkpoints(tmp_path):
-  """init='torch' converts a .pth on the fly; init='orbax' restores a converted checkpoint."""
+  """init='torch' converts a .pth on the fly; init='orbax' loads what `python -m convert` wrote."""
   import jax
-  import orbax.checkpoint as ocp
   from transformers import UMT5Config, UMT5EncoderModel
 
+  from convert.cli import convert as cli_convert
   from convert.umt5 import convert_umt5_state_dict
   cfg = umt5_config("tiny")
   torch.manual_seed(0)
@@ -178,8 +178,7 @@ def test_build_model_from_torch_and_orbax_checkpoints(tmp_path):
                                    feed_forward_proj="gated-gelu"))
   torch.save(hf.state_dict(), tmp_path / "t5.pth")
   want = convert_umt5_state_dict(hf.state_dict(), cfg)
-  with ocp.StandardCheckpointer() as ck:
-    ck.save(tmp_path / "t5_orbax", want)
+  cli_convert("umt5", str(tmp_path / "t5.pth"), str(tmp_path / "t5_orbax"), config="tiny")  # python -m convert
   make = lambda r: UMT5Encoder(cfg, rngs=r)
   for init, path in (("torch", tmp_path / "t5.pth"), ("orbax", tmp_path / "t5_orbax")):
     sub = get_config("tiny").umt5

@@ -163,6 +163,11 @@ def build_model(make: Callable[[], Any], sub, cfg, convert_fn: Callable, what: s
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if sub.init == "random":
     return make(nnx.Rngs(seed))
+  if sub.init == "orbax" and sub.path:
+    # pylint: disable=g-import-not-at-top
+    from eva_jax.inference import is_converted_checkpoint, load_converted
+    if is_converted_checkpoint(sub.path):  # written by `python -m convert --kind umt5|clip|vae`
+      return load_converted(sub.path, lambda: make(nnx.Rngs(0)))
   tree = _restore_or_convert(sub, cfg, convert_fn, what)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
   try:
