@@ -90,6 +90,20 @@ def _check_png(path):
     assert im.size[0] > 100 and im.size[1] > 50
 
 
+def test_data_stage_and_report(tmp_path, monkeypatch):
+  """The data stage and its report alone (fast): toy data, plots, clips, summary."""
+  monkeypatch.setattr(demo, "STAGES", demo.STAGES[:1])
+  summary = demo.run_demo(demo_config.get_config("short"), tmp_path)
+  assert list(summary["stages"]) == ["data"] and summary["stages"]["data"]["status"] == "done"
+  assert {"plots/toy_episodes.png", "plots/toy_joints.png", "plots/toy_rewards.png",
+          "videos/toy_smooth.mp4", "videos/toy_smooth.gif"} <= set(summary["files"])
+  for f in summary["files"]:
+    if f.endswith(".png"):
+      _check_png(tmp_path / f)
+  assert "| data | done |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
 def test_shortened_demo_run(tmp_path):
   summary = demo.run_demo(demo_config.get_config("short"), tmp_path)
   st = summary["stages"]
