@@ -10,7 +10,7 @@ Defaults ('resnet50'): the released architecture (ResNet-50, 9-channel stem, 512
 [i-1, i, i+1] of the head camera, AnyPos mean/std for the targets, progress-scheduled colour jitter
 (spec/eva.md B), SmoothL1 on normalised joints, AdamW with warm-up and cosine decay over 200k steps
 (the authors' run was 200k steps; their LR and batch size are not known). 'tiny' is the CPU smoke
-variant: the tiny IDM (128 px) on a handful of steps.
+variant: the tiny IDM (64 px) on a handful of steps.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = mesh_config(data=-1)
 
   if arg.variant == "tiny":
-    c.model.update(dict(preset="tiny", image_size=(128, 128)))
+    c.model.update(dict(preset="tiny", image_size=(64, 64)))
     c.data.update(dict(num_workers=0, val_fraction=0.25))
     c.optim.update(dict(learning_rate=3e-3, warmup_steps=2, total_steps=40, weight_decay=0.0))
     c.train.update(dict(batch_size=8, num_steps=40, log_every=5, checkpoint_every=10,

@@ -72,8 +72,9 @@ class IDMConfig:
 
 IDM_CONFIGS: dict[str, dict[str, Any]] = {
     "resnet50": {},
-    # tiny: every stage once, 4x4 trunk output at 128 px (a 1x1 map would make the spatial softmax constant)
-    "tiny": dict(blocks=(1, 1, 1, 1), width=8, mlp_dims=(32, 16), image_size=(128, 128)),
+    # tiny: every stage once; 2x2 trunk output at 64 px (below 64 px the map is 1x1 and the spatial
+    # softmax constant: use fewer stages, config blocks=(1,) or (1, 1), for smaller images)
+    "tiny": dict(blocks=(1, 1, 1, 1), width=8, mlp_dims=(32, 16), image_size=(64, 64)),
 }
 
 
