@@ -277,3 +277,32 @@ def test_resnet50_keys_shapes_and_param_count():
   n_ref = sum(p.numel() for n, p in ref.named_parameters() if not n.startswith("model.backbone.fc."))
   assert n_ours == n_ref == 28_256_207  # 23.5M trunk (9-ch stem) + 4.7M head + temperature
   assert IGNORABLE  # documented ignorables exist
+
+
+def test_imagenet_trunk_init_repeats_the_stem(tiny_pair):
+  """A torchvision-named ImageNet ResNet (3-channel stem) initialises the trunk; stem repeated / 3."""
+  from convert.idm import convert_resnet_backbone
+  _, _, cfg = tiny_pair
+  resnet = TorchResNet(cfg.blocks, cfg.width, in_ch=3)
+  sd = resnet.state_dict()
+  trunk = convert_resnet_backbone(sd, cfg)
+  stem = to_numpy(sd["conv1.weight"]).transpose(2, 3, 1, 0)  # HWIO [7, 7, 3, 8]
+  np.testing.assert_allclose(trunk["conv1"]["kernel"], np.concatenate([stem] * 3, axis=2) / 3, rtol=1e-6)
+  np.testing.assert_array_equal(trunk["layer2"][0]["bn1"]["var"], to_numpy(sd["layer2.0.bn1.running_var"]))
+  with pytest.raises(KeyError, match="layer9"):
+    convert_resnet_backbone(dict(sd, **{"layer9.0.conv1.weight": torch.zeros(1)}), cfg)
+
+
+def test_convert_cli_writes_the_converted_tree(tiny_pair, tmp_path):
+  """`python -m convert --kind idm` (convert.cli.convert) on a release-layout .pt file."""
+  from orbax.checkpoint.experimental import v1 as ocp
+  from convert.cli import convert
+  ref, _, _ = tiny_pair
+  torch.save(release_checkpoint(ref), tmp_path / "IDM_tiny.pt")
+  convert("idm", str(tmp_path / "IDM_tiny.pt"), str(tmp_path / "out"), config="tiny", progress=False)
+  tree = ocp.load(str(tmp_path / "out"))
+  want = convert_idm_state_dict(release_checkpoint(ref))
+  np.testing.assert_array_equal(tree["mlp_head"]["fc3"]["kernel"], want["mlp_head"]["fc3"]["kernel"])
+  np.testing.assert_array_equal(tree["backbone"]["layer3"]["0"]["bn2"]["mean"],
+                                want["backbone"]["layer3"][0]["bn2"]["mean"])
+  np.testing.assert_allclose(tree["train_std"], idm_lib.ANYPOS_STD, rtol=1e-6)
