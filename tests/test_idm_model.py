@@ -306,3 +306,16 @@ def test_convert_cli_writes_the_converted_tree(tiny_pair, tmp_path):
   np.testing.assert_array_equal(tree["backbone"]["layer3"]["0"]["bn2"]["mean"],
                                 want["backbone"]["layer3"][0]["bn2"]["mean"])
   np.testing.assert_allclose(tree["train_std"], idm_lib.ANYPOS_STD, rtol=1e-6)
+
+
+def test_sharded_video_batch_equals_single_device(tiny_pair):
+  """actions_from_video with the videos split over 8 devices ('act_batch') equals the local run."""
+  from eva_jax import parallel
+  from eva_jax.parallel.sharding import named_sharding
+  _, ours, _ = tiny_pair
+  video = jnp.asarray(_frames(6, (8, 3, 40, 40, 3)))
+  mesh = parallel.make_mesh({"data": -1})
+  sharded = jax.device_put(video, named_sharding(mesh, ("act_batch", None, None, None, None)))
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(idm_lib.actions_from_video(ours, sharded),
+                             idm_lib.actions_from_video(ours, video), rtol=1e-5, atol=1e-6)
