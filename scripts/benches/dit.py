@@ -1,0 +1,152 @@
+"""Wan DiT benchmarks: one i2v block (`dit-block`) or the whole model (`dit`), forward and forward+backward.
+
+  python scripts/bench.py dit-block --size tiny      # CPU: tiny i2v, diffusers reference in the same run
+  python scripts/bench.py dit-block --size eva       # GPU: i2v-14B block at 13x60x80 latents (15,600 tokens)
+  python scripts/bench.py dit --size eva             # GPU: the 40-layer i2v-14B forward at 15,600 tokens
+
+Sizes: tiny (tiny-i2v, latent 5x8x12), eva (i2v-14B dims, latent 13x60x80), wan (21x60x104, 32,760 tokens),
+custom (--frames/--height/--width in pixels). On GPU the default is bf16 with cuDNN attention; on CPU float32 with
+XLA attention. The diffusers reference runs when it can (always for tiny; for the large sizes only with CUDA torch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eva_jax.models.wan import WanModel, wan_config
+from eva_jax.models.wan.rope import rope_tables
+from eva_jax.utils.timing import device_peak_memory_mb, time_fn, time_torch
+
+LATENTS = {"tiny": (5, 8, 12), "eva": (13, 60, 80), "wan": (21, 60, 104)}
+N_IMG, N_TEXT = 257, 512
+
+
+def latent_shape(size: str, args) -> tuple[int, int, int]:
+  if size == "custom":
+    return ((args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+  return LATENTS[size]
+
+
+def block_flops(cfg, tokens: int) -> float:
+  """Forward FLOPs of one block (spec wan.md E): projections, cross-attn k/v on 769 tokens, FFN, attention."""
+  d, f, ctx = cfg.dim, cfg.ffn_dim, N_TEXT + (N_IMG if cfg.is_i2v else 0)
+  return (8 * tokens * d * d + 4 * tokens * d * d + 4 * ctx * d * d + 4 * tokens * d * f
+          + 4 * tokens * tokens * d + 4 * tokens * ctx * d)
+
+
+def _config(size, args, num_layers):
+  on_gpu = jax.devices()[0].platform == "gpu"
+  dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+  base = "tiny-i2v" if size == "tiny" else "i2v-14b"
+  return wan_config(base, num_layers=num_layers, dtype=dtype, param_dtype=dtype,
+                    attention="cudnn" if on_gpu else "xla", remat="full" if num_layers > 1 else "none")
+
+
+def _torch_reference(cfg, size, args):
+  if getattr(args, "no_reference", False):
+    return None
+  import torch
+  if size != "tiny" and not torch.cuda.is_available():
+    return None
+  from tests.test_wan_dit import diffusers_model
+  return diffusers_model("tiny-i2v") if size == "tiny" else None
+
+
+def run(size: str, args) -> dict:
+  what = getattr(args, "what", "block") or "block"
+  iters = getattr(args, "iters", 3)
+  grid_lat = latent_shape(size, args)
+  f, h, w = grid_lat
+  tokens = f * (h // 2) * (w // 2)
+  full = what == "model"
+  cfg = _config(size, args, num_layers=(2 if size == "tiny" else 40) if full else 1)
+  ref_model = _torch_reference(cfg, size, args) if size == "tiny" else None
+
+  t0 = time.perf_counter()
+  model = nnx.jit(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))()
+  if ref_model is not None:
+    from convert.wan_dit import convert_dit_state_dict
+    sd = {k: v for k, v in ref_model.state_dict().items()}
+    if not full:  # keep only block 0 of the 2-layer tiny reference
+      sd = {k: v for k, v in sd.items() if not k.startswith("blocks.1.")}
+    nnx.update(model, nnx.State(convert_dit_state_dict(sd, cfg, dtype=cfg.param_dtype)))
+  init_s = time.perf_counter() - t0
+  dt = cfg.compute_dtype
+  key = jax.random.key(0)
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  result = dict(what=what, tokens=tokens, latent=grid_lat, dtype=cfg.dtype, attention=cfg.attention,
+                layers=cfg.num_layers, init_s=init_s)
+
+  if full:
+    x = jax.random.normal(k1, (1, f, h, w, 16), jnp.float32)
+    t = jnp.array([700.0])
+    ctx = jax.random.normal(k2, (1, N_TEXT, cfg.text_dim), dt)
+    clip = jax.random.normal(k3, (1, N_IMG, cfg.image_dim), dt)
+    fwd = nnx.jit(lambda m, x, t, c, i: m(x, t, c, i))
+    args_j = (model, x, t, ctx, clip)
+    flops = block_flops(cfg, tokens) * cfg.num_layers
+  else:
+    x = jax.random.normal(k1, (1, tokens, cfg.dim), jnp.float32)
+    e0 = 0.1 * jax.random.normal(k2, (1, 1, 6, cfg.dim), jnp.float32)
+    ctx = jax.random.normal(k3, (1, N_TEXT, cfg.dim), dt)
+    img = jax.random.normal(k4, (1, N_IMG, cfg.dim), dt)
+    cos, sin = rope_tables((f, h // 2, w // 2), cfg.head_dim)
+    fwd = nnx.jit(lambda m, x, e0, c, i: m._run_blocks(x, e0, c, i, cos, sin))
+    args_j = (model, x, e0, ctx, img)
+    flops = block_flops(cfg, tokens)
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(fwd(*args_j))
+  result["compile_fwd_s"] = time.perf_counter() - t0
+  timing = time_fn(fwd, *args_j, warmup=1, iters=iters)
+  result["jax"] = timing
+  result["tflops_fwd"] = flops / timing["median_s"] / 1e12
+
+  # forward + backward: gradients for every weight and for x (what training needs at most).
+  def loss_fn(m, *rest):
+    out = m._run_blocks(rest[0], *rest[1:], cos, sin) if not full else m(*rest)
+    return jnp.mean(jnp.square(out.astype(jnp.float32)))
+  grad = nnx.jit(nnx.grad(loss_fn, argnums=(0, 1)))
+  t0 = time.perf_counter()
+  jax.block_until_ready(grad(*args_j))
+  result["compile_fwd_bwd_s"] = time.perf_counter() - t0
+  result["jax_fwd_bwd"] = time_fn(grad, *args_j, warmup=1, iters=iters)
+  result["tflops_fwd_bwd"] = 3 * flops / result["jax_fwd_bwd"]["median_s"] / 1e12
+  result["device_peak_mb"] = device_peak_memory_mb()
+
+  if ref_model is not None:
+    result.update(_compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg))
+  return result
+
+
+def _compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg) -> dict:
+  """Same inputs through diffusers (float32 CPU): timing and relative error of our output."""
+  import torch
+  from tests.utils import rel_err
+  f, h, w = grid_lat
+  np_args = [np.asarray(a, np.float32) for a in args_j[1:]]
+  ours = np.asarray(fwd(*args_j), np.float32)
+  with torch.no_grad():
+    if full:
+      x, t, ctx, clip = np_args
+      xt = np.concatenate([x, np.zeros(x.shape[:-1] + (20,), np.float32)], -1)
+      hidden = torch.from_numpy(xt).permute(0, 4, 1, 2, 3).contiguous()
+      call = lambda: ref_model(hidden, torch.from_numpy(t), torch.from_numpy(ctx),
+                               encoder_hidden_states_image=torch.from_numpy(clip), return_dict=False)[0]
+      ref = call().permute(0, 2, 3, 4, 1).numpy()
+    else:
+      x, e0, ctx, img = np_args
+      block = ref_model.blocks[0]
+      rotary = ref_model.rope(torch.zeros(1, cfg.in_dim, f, h, w))
+      enc = torch.from_numpy(np.concatenate([img, ctx], axis=1))
+      temb = torch.from_numpy(e0[:, 0])                                        # [1, 6, D]
+      xt = torch.from_numpy(x)
+      call = lambda: block(xt, enc, temb, rotary)
+      ref = call().numpy()
+  return {"reference": time_torch(call, warmup=1, iters=3), "rel_err": rel_err(ours, ref),
+          "reference_impl": "diffusers WanTransformer3DModel (torch CPU float32)"}
