@@ -131,3 +131,75 @@ def resize_observation(image: np.ndarray, height: int, width: int, *, max_aspect
   resized = np.asarray(Image.fromarray(image.astype(np.uint8)).resize((nw, nh), Image.BICUBIC))
   top, left = (nh - height) // 2, (nw - width) // 2
   return resized[top:top + height, left:left + width]
+
+
+# MARK: building from a config
+
+def build_planner(config, workdir=None) -> Planner:
+  """The real planner: DiT/VAE/CLIP (eva_jax.inference.build_models), umT5 + tokenizer, the sampler, the IDM.
+
+  `config` is configs/planner.py's: `model`, `ckpt`, `sampler` as configs/infer.py, plus `idm` and `server`.
+  One I2VSampler is kept per distinct (steps, guidance) option set; batches are padded to
+  `server.batch_size` so each option set compiles once.
+  """
+  import functools
+  import pathlib
+
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from eva_jax import inference
+  from eva_jax.diffusion.sampler import I2VSampler, SamplerConfig
+  from eva_jax.models import idm as idm_lib
+  from eva_jax.models import tokenizer as tok_lib
+  from eva_jax.models.umt5 import encode_prompts
+
+  run_dir = pathlib.Path(workdir) if workdir else pathlib.Path(config.output_root)
+  inference.fill_from_wan_dir(config)
+  if not config.ckpt.tokenizer:
+    if not config.ckpt.random_init:
+      raise ValueError("config.ckpt.tokenizer is empty: give the google/umt5-xxl tokenizer directory")
+    config.ckpt.tokenizer = tok_lib.make_tiny_tokenizer(run_dir / "tokenizer", TINY_VOCABULARY)
+  encoder, tokenizer = inference.build_text_encoder(config)
+  neg = encode_prompts(encoder, tokenizer, [config.neg_prompt])
+  models = inference.build_models(config, text_dim=neg.shape[-1])
+  if config.idm.checkpoint:
+    from eva_jax.training.idm import load_trained_idm
+    idm = load_trained_idm(config.idm.checkpoint, config.idm.train_config or None)
+  else:
+    if not config.ckpt.random_init:
+      raise ValueError("config.idm.checkpoint is empty: give an IDM checkpoint (IDM_singleview.pt or a train_idm run)")
+    idm = idm_lib.IDM(idm_lib.idm_config(config.idm.preset), rngs=nnx.Rngs(4))
+  idm.eval()
+  batch = int(config.server.batch_size)
+  base = dict(config.sampler)
+
+  @functools.lru_cache(maxsize=8)
+  def sampler_for(steps: int, hist: float, lang: float) -> I2VSampler:
+    cfg = SamplerConfig(**dict(base, num_steps=steps, hist_guidance=hist, lang_guidance=lang))
+    return I2VSampler(models.dit, models.vae, models.clip, cfg)
+
+  def pad(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)]) if len(x) < batch else x
+
+  def generate(frames: np.ndarray, prompts, options: PlanOptions) -> np.ndarray:
+    n = len(frames)
+    if n > batch:
+      raise ValueError(f"{n} observations exceed server.batch_size={batch}")
+    sampler = sampler_for(int(options.steps), float(options.hist_guidance), float(options.lang_guidance))
+    first = pad(frames.astype(np.float32) / 127.5 - 1.0)
+    context = encode_prompts(encoder, tokenizer, list(prompts) + [prompts[-1]] * (batch - n))
+    video, _ = sampler.generate(jnp.asarray(first), context, neg, jax.random.key(options.seed), show_progress=False)
+    video = np.asarray(jax.device_get(video))[:n]
+    return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+  def actions(videos: np.ndarray) -> np.ndarray:
+    return np.asarray(idm_lib.actions_from_video(idm, jnp.asarray(videos, jnp.float32) / 255.0))
+
+  return Planner(generate, actions, fps=float(config.fps), max_segments=int(config.server.max_segments))
+
+
+# Words the tiny random text encoder knows (unknown words map to <unk>, which is fine for smoke runs).
+TINY_VOCABULARY = tuple(
+    "move raise lower wave reach grasp open close the left right both arm arms gripper grippers to of and "
+    "a an up down forward back slowly quickly pick place click bell alarm clock container plate top".split())

@@ -7,7 +7,6 @@ batch fails, its requests are retried one by one so one bad request cannot fail 
 exception escapes the worker: the server keeps serving.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -202,7 +201,7 @@ def create_app(service: PlanService, *, defaults: planner_lib.PlanOptions = plan
             "size": [limits.height, limits.width], **dict(service.stats), **(startup_info or {})}
 
   @app.post("/plan")
-  async def plan(request: Request):
+  async def plan(request: Request):  # noqa: D401 (FastAPI needs the real Request class here)
     try:
       ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
       if ctype.startswith("image/") or ctype == "application/octet-stream":
@@ -261,3 +260,26 @@ def create_app(service: PlanService, *, defaults: planner_lib.PlanOptions = plan
     return FileResponse(path, media_type="video/mp4")
 
   return app
+
+
+def build_service_app(config, workdir=None):
+  """Loads the models, compiles with a warm-up plan, and returns (app, startup_info)."""
+  from eva_jax.utils.rundir import make_run_dir
+
+  t0 = time.perf_counter()
+  run_dir = pathlib.Path(workdir) if workdir else make_run_dir(config.output_root)
+  planner = planner_lib.build_planner(config, run_dir)
+  t_load = time.perf_counter() - t0
+  srv, s = config.server, config.sampler
+  limits = ServiceLimits(height=s.height, width=s.width, fps=float(config.fps), batch_size=srv.batch_size,
+                         max_queue=srv.max_queue, max_segments=srv.max_segments, max_steps=srv.max_steps,
+                         max_guidance=srv.max_guidance, max_aspect_change=srv.max_aspect_change,
+                         batch_wait_s=srv.batch_wait_s)
+  defaults = planner_lib.PlanOptions(steps=s.num_steps, hist_guidance=s.hist_guidance, lang_guidance=s.lang_guidance)
+  t1 = time.perf_counter()
+  if srv.warmup:
+    planner.plan(np.zeros((s.height, s.width, 3), np.uint8), "warm up", defaults)
+  t_compile = time.perf_counter() - t1
+  info = {"startup_s": time.perf_counter() - t0, "load_s": t_load, "compile_s": t_compile}
+  service = PlanService(planner, limits, run_dir / "videos")
+  return create_app(service, defaults=defaults, startup_info=info), info
