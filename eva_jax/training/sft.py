@@ -308,24 +308,32 @@ class Conditioner:
   def __init__(self, config, wan_cfg, mesh):
     self.config, self.wan_cfg, self.mesh = config, wan_cfg, mesh
     self._encode = None
+    self._vae = None
     if not config.data.load_video_latent:
+      gdef, _ = self.vae()
+      self._encode = jax.jit(lambda st, v: nnx.merge(gdef, st).encode(v))
+    if config.text.source not in ("cached", "synthetic"):
+      raise ValueError(f"text.source must be 'cached' or 'synthetic', got {config.text.source!r}")
+    if config.clip.source not in ("cached", "zeros"):
+      raise ValueError(f"clip.source must be 'cached' or 'zeros', got {config.clip.source!r}")
+
+  def vae(self):
+    """(graphdef, state) of the VAE: config.vae.checkpoint (orbax) or random weights (smoke runs)."""
+    if self._vae is None:
       from eva_jax.models.vae import WanVAE, vae_config
-      vae = nnx.eval_shape(lambda: WanVAE(vae_config(config.vae.preset), rngs=nnx.Rngs(config.seed + 1)))
-      gdef, abs_state = nnx.split(vae)
+      config = self.config
+      make = lambda: WanVAE(vae_config(config.vae.preset), rngs=nnx.Rngs(config.seed + 1))
+      gdef, abs_state = nnx.split(nnx.eval_shape(make))
       if config.vae.checkpoint:
         tree = restore_tree(config.vae.checkpoint)
         tree = next((tree[k] for k in ("params", "model") if isinstance(tree, dict) and k in tree), tree)
         state = nnx.clone(abs_state)
         nnx.replace_by_pure_dict(state, tree)
       else:
-        logging.warning("vae.checkpoint is empty: encoding videos with a random-weight VAE (smoke runs only)")
-        state = nnx.state(WanVAE(vae_config(config.vae.preset), rngs=nnx.Rngs(config.seed + 1)))
-      self._vae_state = jax.device_put(state, parallel.state_shardings(state, mesh))
-      self._encode = jax.jit(lambda st, v: nnx.merge(gdef, st).encode(v))
-    if config.text.source not in ("cached", "synthetic"):
-      raise ValueError(f"text.source must be 'cached' or 'synthetic', got {config.text.source!r}")
-    if config.clip.source not in ("cached", "zeros"):
-      raise ValueError(f"clip.source must be 'cached' or 'zeros', got {config.clip.source!r}")
+        logging.warning("vae.checkpoint is empty: a random-weight VAE (smoke runs only)")
+        state = nnx.state(make())
+      self._vae = (gdef, jax.device_put(state, parallel.state_shardings(state, self.mesh)))
+    return self._vae
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
@@ -336,7 +344,7 @@ class Conditioner:
         raise ValueError("batch has neither cached 'latents' nor 'video' to encode")
       sh = parallel.named_sharding(self.mesh, ("act_batch", None, None, None, None))
       video = jax.make_array_from_process_local_data(sh, batch["video"])
-      out["latents"] = np.asarray(jax.device_get(self._encode(self._vae_state, video)))
+      out["latents"] = np.asarray(jax.device_get(self._encode(self._vae[1], video)))
     b = out["latents"].shape[0]
     if "prompt_embeds" in batch:
       out["prompt_embeds"] = batch["prompt_embeds"]
@@ -454,6 +462,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
       if use_eval and (done % config.eval.every == 0 or done == total):
         val = {"val_loss": evaluate(config, trainer, state, cond)}
         last.update(writer.write(done, val))
+      if config.eval.sample_every > 0 and (done % config.eval.sample_every == 0 or done == total):
+        sample_videos(config, trainer, state, cond, workdir / "videos", done)
       if done % config.train.checkpoint_every == 0 or done == total:
         ckpt.save(done, state, metrics=val or None, meta={"data_iter": data_iter.get_state(), "step": done})
   ckpt.close()
@@ -503,3 +513,34 @@ def evaluate(config, trainer: SFTTrainer, state, cond: Conditioner) -> float:
   if not losses:
     raise ValueError("validation split produced no batches")
   return float(np.mean(losses))
+
+
+def sample_videos(config, trainer: SFTTrainer, state, cond: Conditioner, out_dir: Path, step: int) -> list[Path]:
+  """Samples `eval.num_videos` validation clips from their first frame and prompt with the inference
+  sampler (no guidance, as EVA's SFT validation: lang_guidance = hist_guidance = 0) and writes
+  `<out_dir>/step<step>_row<row>.mp4`, prediction above ground truth when the pixels are loaded."""
+  from eva_jax.data.video import write_video
+  from eva_jax.diffusion.sampler import Conditioning, I2VSampler, SamplerConfig
+
+  n = config.eval.num_videos
+  _, ds = _data(config, "validation", False, n, config.seed)
+  batch = next(iter(ds))
+  c = cond(batch)
+  params = state["ema"] if "ema" in state else state["params"]
+  gdef, vae_state = cond.vae()
+  scfg = SamplerConfig(num_frames=config.data.n_frames, height=config.data.height, width=config.data.width,
+                       num_steps=config.eval.sample_steps, lang_guidance=0.0, hist_guidance=0.0)
+  sampler = I2VSampler(trainer.merge(params), nnx.merge(gdef, vae_state), None, scfg)
+  sc = Conditioning(jnp.asarray(c["latents"][:, :1]), jnp.asarray(c["prompt_embeds"]), None,
+                    None if "clip_fea" not in c else jnp.asarray(c["clip_fea"]))
+  key = jax.random.fold_in(jax.random.key(config.seed + 11), step)
+  video = np.asarray(jax.device_get(sampler.decode(sampler.sample(sc, key, show_progress=False))))
+  paths = []
+  if jax.process_index() == 0:
+    for i in range(video.shape[0]):
+      frames = video[i]
+      if "video" in batch:  # prediction on top, ground truth below
+        frames = np.concatenate([frames, batch["video"][i][:frames.shape[0]]], axis=1)
+      paths.append(write_video(out_dir / f"step{step:07d}_row{int(batch['row'][i])}.mp4", frames,
+                               fps=config.data.fps))
+  return paths
