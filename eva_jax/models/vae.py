@@ -101,6 +101,40 @@ def _stream(layers, x: jax.Array, cache: Cache) -> tuple[jax.Array, tuple]:
   return x, tuple(new)
 
 
+def _scan_chunks(step, cache: Cache, chunks: jax.Array) -> tuple[jax.Array, Cache]:
+  """lax.scan of `step(x, cache) -> (y, cache)` over chunks [n, B, ...] -> (stacked [n, B, ...], cache)."""
+  def body(carry, x):
+    y, carry = step(x, carry)
+    return carry, y
+  cache, ys = jax.lax.scan(body, cache, chunks)
+  return ys, cache
+
+
+def _merge_time(first: jax.Array | None, rest: jax.Array | None) -> jax.Array:
+  # first: [B, t0, ...]; rest: [n, B, t, ...] -> [B, t0 + n t, ...]
+  if rest is None:
+    return first
+  n, b, t = rest.shape[:3]
+  rest = jnp.moveaxis(rest, 0, 1).reshape((b, n * t) + rest.shape[3:])
+  return rest if first is None else jnp.concatenate([first, rest.astype(first.dtype)], axis=1)
+
+
+def _frame_by_frame(step, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+  """Runs a streaming step one frame at a time (a lax.scan over frames).
+
+  Exact for layers without temporal resampling (causal convs with their caches, per-frame norms and
+  spatial ops give the same result for any chunking), and it bounds their activations to one frame.
+  """
+  first = None
+  if cache is None:  # the first frame creates the cache
+    first, cache = step(x[:, :1], None)
+    x = x[:, 1:]
+  if x.shape[1] == 0:
+    return first, cache
+  rest, cache = _scan_chunks(step, cache, jnp.moveaxis(x[:, :, None], 1, 0))
+  return _merge_time(first, rest), cache
+
+
 class Encoder3d(nnx.Module):
   """[B, t, H, W, 3] chunk -> [B, t', H/8, W/8, 2 z_dim] (conv_in, down_blocks, mid_block, head)."""
 
@@ -120,17 +154,28 @@ class Encoder3d(nnx.Module):
         scale /= 2.0
     # One flat list, indexed like the reference's `downsamples.{i}`.
     self.down_blocks = nnx.List(blocks)
+    # Blocks before the first temporal downsampler see each frame on its own: run them frame by frame.
+    self.n_per_frame = next((j for j, blk in enumerate(blocks)
+                             if isinstance(blk, Resample) and blk.mode == "downsample3d"), len(blocks))
     self.mid_block = MidBlock(dims[-1], **kw)
     self.norm_out = RMSNorm(dims[-1], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.conv_out = Conv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3), **kw)
 
-  def __call__(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-    c_in, c_blocks, c_mid, c_out = (None,) * 4 if cache is None else cache
+  def _per_frame(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    c_in, c_blocks = (None, None) if cache is None else cache
     x, c_in = self.conv_in.causal(x, c_in)
-    x, c_blocks = _stream(self.down_blocks, x, c_blocks)
+    x, c_blocks = _stream([self.down_blocks[j] for j in range(self.n_per_frame)], x, c_blocks)
+    return x, (c_in, c_blocks)
+
+  def __call__(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    c_pre, c_blocks, c_mid, c_out = (None,) * 4 if cache is None else cache
+    # Full-resolution layers one frame at a time: peak memory of one frame, not of the chunk.
+    x, c_pre = _frame_by_frame(self._per_frame, x, c_pre)
+    rest = [self.down_blocks[j] for j in range(self.n_per_frame, len(self.down_blocks))]
+    x, c_blocks = _stream(rest, x, c_blocks)
     x, c_mid = self.mid_block(x, c_mid)
     x, c_out = self.conv_out.causal(jax.nn.silu(self.norm_out(x)), c_out)
-    return x, (c_in, c_blocks, c_mid, c_out)
+    return x, (c_pre, c_blocks, c_mid, c_out)
 
 
 class UpBlock(nnx.Module):
@@ -175,35 +220,28 @@ class Decoder3d(nnx.Module):
     self.up_blocks = nnx.List(blocks)
     self.norm_out = RMSNorm(dims[-1], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.conv_out = Conv3d(dims[-1], 3, (3, 3, 3), **kw)
+    # Up blocks after the last temporal upsampler (and the head) run frame by frame.
+    self.n_chunked = max((i + 1 for i, blk in enumerate(blocks)
+                          if blk.upsamplers and blk.upsamplers[0].mode == "upsample3d"), default=0)
+
+  def _per_frame(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    c_up, c_out = (None, None) if cache is None else cache
+    tail = [self.up_blocks[i] for i in range(self.n_chunked, len(self.up_blocks))]
+    x, c_up = _stream(tail, x, c_up)
+    x, c_out = self.conv_out.causal(jax.nn.silu(self.norm_out(x)), c_out)
+    return x, (c_up, c_out)
 
   def __call__(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-    c_in, c_mid, c_up, c_out = (None,) * 4 if cache is None else cache
+    c_in, c_mid, c_up, c_post = (None,) * 4 if cache is None else cache
     x, c_in = self.conv_in.causal(x, c_in)
     x, c_mid = self.mid_block(x, c_mid)
-    x, c_up = _stream(self.up_blocks, x, c_up)
-    x, c_out = self.conv_out.causal(jax.nn.silu(self.norm_out(x)), c_out)
-    return x, (c_in, c_mid, c_up, c_out)
+    x, c_up = _stream([self.up_blocks[i] for i in range(self.n_chunked)], x, c_up)
+    # Full-resolution layers one frame at a time: peak memory of one frame, not of the 4-frame chunk.
+    x, c_post = _frame_by_frame(self._per_frame, x, c_post)
+    return x, (c_in, c_mid, c_up, c_post)
 
 
 # MARK: the VAE
-
-def _scan_chunks(step, cache: Cache, chunks: jax.Array) -> jax.Array:
-  """lax.scan of `step(x, cache) -> (y, cache)` over chunks [n, B, ...] -> stacked outputs [n, B, ...]."""
-  def body(carry, x):
-    y, carry = step(x, carry)
-    return carry, y
-  _, ys = jax.lax.scan(body, cache, chunks)
-  return ys
-
-
-def _merge_time(first: jax.Array, rest: jax.Array | None) -> jax.Array:
-  # first: [B, t0, ...]; rest: [n, B, t, ...] -> [B, t0 + n t, ...]
-  if rest is None:
-    return first
-  n, b, t = rest.shape[:3]
-  rest = jnp.moveaxis(rest, 0, 1).reshape((b, n * t) + rest.shape[3:])
-  return jnp.concatenate([first, rest.astype(first.dtype)], axis=1)
-
 
 class WanVAE(nnx.Module):
   """Wan 2.1 VAE: `encode` video -> normalised latents, `decode` normalised latents -> video."""
@@ -250,7 +288,7 @@ class WanVAE(nnx.Module):
     rest = None
     if t > 1:
       chunks = x[:, 1:].reshape((b, (t - 1) // ts, ts) + x.shape[2:])
-      rest = _scan_chunks(step, cache, jnp.moveaxis(chunks, 1, 0))
+      rest, _ = _scan_chunks(step, cache, jnp.moveaxis(chunks, 1, 0))
     return constrain(_merge_time(z0, rest), ("act_batch", None, None, None, None))
 
   def decode(self, z: jax.Array) -> jax.Array:
@@ -269,7 +307,7 @@ class WanVAE(nnx.Module):
     v0, cache = step(x[:, :1], None)
     rest = None
     if x.shape[1] > 1:
-      rest = _scan_chunks(step, cache, jnp.moveaxis(x[:, 1:, None], 1, 0))
+      rest, _ = _scan_chunks(step, cache, jnp.moveaxis(x[:, 1:, None], 1, 0))
     return constrain(_merge_time(v0, rest), ("act_batch", None, None, None, None))
 
 
