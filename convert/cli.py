@@ -72,7 +72,7 @@ def _cast(x: np.ndarray, dtype) -> np.ndarray:
   return x.astype(dtype) if dtype is not None and np.issubdtype(x.dtype, np.floating) else x
 
 
-def stream_to_orbax(items: Iterable[tuple[tuple, np.ndarray]], out: str, *, batch_bytes: int = 1 << 30,
+def stream_to_orbax(items: Iterable[tuple[tuple, np.ndarray]], out: str, *, batch_bytes: int = 256 << 20,
                     progress: bool = True) -> dict:
   """Writes (path, array) items into an orbax checkpoint at `out` with partial saves of at most ~batch_bytes
   (or one array); returns {'params', 'bytes', 'largest_bytes'}."""
@@ -135,6 +135,8 @@ def convert(kind: str, src: str, out: str, *, config: str | None = None, overrid
     tree = getattr(importlib.import_module(mod), fn)(sd, cfg)
     items = ((p, _cast(np.asarray(v), np_dtype)) for p, v in _flatten(tree))
   stats = stream_to_orbax(items, out, progress=progress)
+  from eva_jax.utils.timing import peak_rss_mb
+  stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
   cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
   summary = dict(kind=kind, source=os.path.abspath(src), layout=layout, config_name=config or KINDS[kind][4],
                  config=cfg_dict, dtype=dtype, seconds=round(time.time() - t0, 2), **stats)

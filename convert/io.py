@@ -23,20 +23,24 @@ _WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
 class LazyStateDict(Mapping):
   """Read-only mapping key -> torch tensor backed by files; `shape_of(key)` needs no tensor read."""
 
-  def __init__(self, readers: dict[str, Any], source: str):
-    self._readers = readers          # key -> (kind, handle)
+  def __init__(self, readers: dict[str, Any], source: str, shapes: dict[str, tuple] | None = None):
+    self._readers = readers          # key -> ('safetensors', file path) or ('torch', mmapped dict)
+    self._shapes = shapes or {}      # safetensors shapes from the file headers
     self.source = source
 
   def __getitem__(self, key: str):
     kind, handle = self._readers[key]
     if kind == "safetensors":
-      return handle.get_tensor(key)
+      # Open per access: safe_open memory-maps the file, and pages of a mapping kept open stay in RSS.
+      from safetensors import safe_open
+      with safe_open(handle, framework="pt") as f:
+        return f.get_tensor(key)
     return handle[key]
 
   def shape_of(self, key: str) -> tuple[int, ...]:
     kind, handle = self._readers[key]
     if kind == "safetensors":
-      return tuple(handle.get_slice(key).get_shape())
+      return tuple(self._shapes[key])
     return tuple(handle[key].shape)
 
   def __iter__(self) -> Iterator[str]:
@@ -63,16 +67,17 @@ def unwrap_state_dict(obj: Any, path: str = "<checkpoint>") -> Mapping[str, Any]
   raise ValueError(f"{path}: no tensor mapping found (looked under {list(_WRAPPERS)})")
 
 
-def _safetensors_readers(files: list[str]) -> dict[str, Any]:
+def _safetensors(files: list[str], source: str) -> LazyStateDict:
   from safetensors import safe_open
-  readers = {}
+  readers, shapes = {}, {}
   for file in files:
-    handle = safe_open(file, framework="pt")
-    for key in handle.keys():
-      if key in readers:
-        raise ValueError(f"tensor {key!r} appears in two files ({file})")
-      readers[key] = ("safetensors", handle)
-  return readers
+    with safe_open(file, framework="pt") as handle:
+      for key in handle.keys():
+        if key in readers:
+          raise ValueError(f"tensor {key!r} appears in two files ({file})")
+        readers[key] = ("safetensors", file)
+        shapes[key] = tuple(handle.get_slice(key).get_shape())
+  return LazyStateDict(readers, source, shapes)
 
 
 def _index_files(index_path: str) -> list[str]:
@@ -94,19 +99,19 @@ def open_state_dict(src: str) -> LazyStateDict:
     if len(indexes) > 1:
       raise ValueError(f"{src}: several safetensors index files {indexes}; pass one of them as --src")
     if indexes:
-      return LazyStateDict(_safetensors_readers(_index_files(indexes[0])), src)
+      return _safetensors(_index_files(indexes[0]), src)
     shards = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     if shards:
-      return LazyStateDict(_safetensors_readers(shards), src)
+      return _safetensors(shards, src)
     pickles = sorted(p for s in TORCH_SUFFIXES for p in glob.glob(os.path.join(src, "*" + s)))
     if len(pickles) == 1:
       return open_state_dict(pickles[0])
     raise FileNotFoundError(f"{src}: expected *.safetensors (+ index json) or one of {TORCH_SUFFIXES}, "
                             f"found {sorted(os.listdir(src))[:10]}")
   if src.endswith(".safetensors.index.json"):
-    return LazyStateDict(_safetensors_readers(_index_files(src)), src)
+    return _safetensors(_index_files(src), src)
   if src.endswith(".safetensors"):
-    return LazyStateDict(_safetensors_readers([src]), src)
+    return _safetensors([src], src)
   if src.endswith(TORCH_SUFFIXES):
     import torch
     obj = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
