@@ -9,7 +9,8 @@
 Time is processed in chunks exactly as the reference does (encoder: frame 0 alone, then chunks of 4
 frames; decoder: one latent frame at a time), with the causal context of every layer carried from
 chunk to chunk (vae_layers.py). The first chunk runs on its own, the rest in a `lax.scan`, so the
-activation memory is that of one chunk, not of the clip. `encode`/`decode` are pure functions of
+activation memory is that of one chunk, not of the clip; inside a chunk the full-resolution layers
+(which do no temporal resampling, so any chunking is exact) run one frame at a time. `encode`/`decode` are pure functions of
 the parameters and jit (`nnx.jit`) with the batch sharded over ('data', 'fsdp').
 """
 
