@@ -27,7 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The policy: Wan I2V DiT + LoRA; the frozen base comes from the SFT checkpoint (orbax dir).
   c.model = ml_collections.ConfigDict(dict(
       preset="i2v-14b", checkpoint="", dtype="bfloat16", param_dtype="bfloat16", attention="cudnn",
-      remat="full", lora_rank=32, lora_alpha=32.0, num_layers=0))   # num_layers 0 = the preset's
+      remat="full", lora_rank=32, lora_alpha=32.0, num_layers=0,    # num_layers 0 = the preset's
+      sharded_init=True))   # init inside jit with out_shardings (no device holds all 14B); False: eager
   c.vae = ml_collections.ConfigDict(dict(preset="wan2.1", checkpoint=""))
 
   # Reward: EVA's IDM and smoothness constants (spec/eva.md C). The IDM checkpoint is required.
@@ -50,9 +51,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
       schedule="constant", warmup_steps=0, grad_clip_norm=1.0, grad_clip_value=0.0, accumulate_steps=1))
 
-  # First frames and their conditioning. 'synthetic': seeded random latents / text / CLIP features
-  # (smoke runs and benchmarks); num_conditions distinct "prompts" are cycled through.
-  c.data = ml_collections.ConfigDict(dict(kind="synthetic", num_conditions=8, text_tokens=512))
+  # First frames and their conditioning; num_conditions distinct first frames are cycled through.
+  # 'csv': the first rows of an EVA metadata CSV (frame 0 VAE-encoded; text from prompt_embed_path
+  # with text_source 'cached', or SFT's per-caption Gaussian stand-in with 'synthetic'; CLIP zeros).
+  # 'synthetic': seeded random latents / text / CLIP features (smoke runs and benchmarks).
+  c.data = ml_collections.ConfigDict(dict(
+      kind="csv", data_root="", metadata_path="robotwin_videos.csv", split="training",
+      text_source="cached", num_conditions=8, text_tokens=512))
 
   c.mesh = mesh_config(data=-1)
   c.log = ml_collections.ConfigDict(dict(
@@ -61,14 +66,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.variant == "tiny":
     c.num_iterations = 3
     c.model.update(dict(preset="tiny-i2v", dtype="float32", param_dtype="float32", attention="xla",
-                        remat="none", lora_rank=4, lora_alpha=4.0))
+                        remat="none", lora_rank=4, lora_alpha=4.0, sharded_init=False))
     c.vae.preset = "tiny"
     c.reward.idm_preset = "tiny"
     c.sample.update(dict(num_steps=4, group_size=4, num_prompts=2, latent_frames=3, latent_height=4,
                          latent_width=4, eval_every=2))
     c.train.num_inner_epochs = 2
     c.optim.learning_rate = 1e-3
-    c.data.update(dict(num_conditions=4, text_tokens=8))
+    c.data.update(dict(kind="synthetic", text_source="synthetic", num_conditions=4, text_tokens=16))
     c.log.update(dict(checkpoint_every=1, video_every=2, plot_every=2, num_videos=1))
   elif arg.variant != "14b":
     raise ValueError(f"configs/grpo.py: unknown variant {arg.variant!r}; choose '14b' or 'tiny'")

@@ -78,3 +78,36 @@ def test_tiny_grpo_end_to_end_ratio_one_and_resume(tmp_path):
   for k, v in recs[1].items():
     if k not in ("time", "time_rollout", "time_update"):
       assert again[0][k] == v, (k, again[0][k], v)
+
+
+def test_script_requires_idm_checkpoint(tmp_path):
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "scripts/train_grpo.py", "--config=configs/grpo.py:tiny",
+                      f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "idm_checkpoint" in r.stderr + r.stdout
+
+
+def test_csv_conditions_encode_first_frames(tmp_path):
+  import zlib
+
+  from eva_jax.data.metadata import write_metadata
+  from eva_jax.data.video import write_video
+  from eva_jax.models.wan import wan_config
+  from eva_jax.parallel import make_mesh
+  recs = []
+  for i in range(2):
+    write_video(tmp_path / f"v{i}.mp4", np.full((5, 40, 48, 3), 60 * i, np.uint8), fps=16)
+    recs.append(dict(video_path=f"v{i}.mp4", caption=f"task {i}", height=40, width=48, fps=16.0, n_frames=5,
+                     split="training"))
+  write_metadata(tmp_path / "meta.csv", recs)
+  c = grpo_config.get_config("tiny")
+  c.data.update(dict(kind="csv", data_root=str(tmp_path), metadata_path="meta.csv", num_conditions=2))
+  gdef, state = grpo.build_vae(c, make_mesh({"data": -1}))
+  wan_cfg = wan_config("tiny-i2v")
+  first, cond = grpo.csv_conditions(c, wan_cfg, gdef, state)
+  assert first.shape == (2, 1, 4, 4, 16) and cond["clip_fea"].shape == (2, 257, wan_cfg.image_dim)
+  assert not np.allclose(first[0], first[1])                       # different first frames
+  # The text stand-in is SFT's: a fixed Gaussian per caption (crc32 seed).
+  ref = np.random.default_rng(zlib.crc32(b"task 1")).standard_normal((16, wan_cfg.text_dim))
+  np.testing.assert_array_equal(cond["context"][1], ref.astype(np.float32))
