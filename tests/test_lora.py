@@ -90,15 +90,24 @@ def test_zero_lora_state_is_base(sd):
   np.testing.assert_array_equal(run(zeroed, *args), run(base_model(sd), *args))
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_merge_equals_unmerged(sd, scan):
+def test_merge_equals_unmerged(sd):
   args = inputs("tiny-i2v", seed=24)
-  model = lora_model(sd, scan_layers=scan)
+  model = lora_model(sd)
   before = run(model, *args)
   merge_lora(model)
   assert rel_err(run(model, *args), before) <= 1e-6
   with disable_lora(model):     # the merged kernels alone carry the adapters now
     assert rel_err(run(model, *args), before) <= 1e-6
+
+
+def test_merge_unscanned_kernels(sd):
+  """Per-layer (python list) modules merge to kernel + alpha/r * A @ B as well."""
+  model = lora_model(sd, scan_layers=False)
+  lin = model.blocks[1].cross_attn.v_img
+  k, a, b = (np.asarray(v[...], np.float64) for v in (lin.kernel, lin.lora_a, lin.lora_b))
+  merge_lora(model)
+  np.testing.assert_allclose(np.asarray(lin.kernel[...]), k + (8.0 / RANK) * a @ b, rtol=1e-6, atol=1e-7)
+  assert not np.any(np.asarray(lin.lora_b[...]))
 
 
 def test_peft_round_trip(sd, tmp_path):
