@@ -322,16 +322,15 @@ class Conditioner:
     if self._vae is None:
       from eva_jax.models.vae import WanVAE, vae_config
       config = self.config
-      make = lambda: WanVAE(vae_config(config.vae.preset), rngs=nnx.Rngs(config.seed + 1))
-      gdef, abs_state = nnx.split(nnx.eval_shape(make))
+      # concrete (the VAE is small): abstract creation under an active mesh would read the
+      # logical axis names as mesh axes
+      gdef, state = nnx.split(WanVAE(vae_config(config.vae.preset), rngs=nnx.Rngs(config.seed + 1)))
       if config.vae.checkpoint:
         tree = restore_tree(config.vae.checkpoint)
         tree = next((tree[k] for k in ("params", "model") if isinstance(tree, dict) and k in tree), tree)
-        state = nnx.clone(abs_state)
         nnx.replace_by_pure_dict(state, tree)
       else:
         logging.warning("vae.checkpoint is empty: a random-weight VAE (smoke runs only)")
-        state = nnx.state(make())
       self._vae = (gdef, jax.device_put(state, parallel.state_shardings(state, self.mesh)))
     return self._vae
 
