@@ -212,8 +212,8 @@ def test_bf16_close_to_fp32(refs):
   ref = run(build("tiny-i2v", sd), *args)
   out = run(build("tiny-i2v", sd, dtype="bfloat16", param_dtype="bfloat16"), *args)
   assert out.dtype == np.float32
-  # bf16 has an 8-bit mantissa (rel. rounding 4e-3); two blocks of matmuls keep the error at the 1e-2 level.
-  assert rel_err(out, ref) <= 3e-2
+  # bf16 weights and matmuls (8-bit mantissa, rounding 4e-3 relative): measured 4.3e-3 here; 1e-2 leaves margin.
+  assert rel_err(out, ref) <= 1e-2
 
 
 # MARK: attention backends
