@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
-from eva_jax.models.vae import VAEConfig, WanVAE, vae_config
+from eva_jax.models.vae import VAEConfig, abstract_vae, vae_config
 
 # Our parameter path (dotted) -> diffusers key.
 _TO_DIFFUSERS: tuple[tuple[str, str], ...] = (
@@ -144,8 +144,7 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], cfg: VAEConfig | None 
   """
   cfg = cfg or vae_config("wan2.1")
   layout = detect_layout(state_dict)
-  abstract = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
-  expected = _flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  expected = _flatten(nnx.to_pure_dict(abstract_vae(cfg)[1]))
   dtype = np.dtype(cfg.param_dtype)
 
   out, used, missing = {}, set(), []

@@ -139,3 +139,21 @@ def test_cli_checkpoint_loads_into_the_model(tiny_sd, tmp_path):
   assert loaded.keys() == direct.keys()
   for path in direct:
     np.testing.assert_array_equal(np.asarray(jax.device_get(loaded[path])), direct[path], err_msg=str(path))
+
+
+def test_convert_and_load_work_under_an_active_mesh(tiny_sd, tmp_path):
+  # Abstract model creation must not resolve logical axis names against the caller's mesh.
+  import jax
+  from flax import nnx
+  from convert.cli import convert
+  from eva_jax import parallel
+  from eva_jax.models.vae import load_vae
+  cfg, sd = tiny_sd
+  torch.save(sd, tmp_path / "vae.pth")
+  convert("vae", str(tmp_path / "vae.pth"), str(tmp_path / "ckpt"), config="tiny", progress=False)
+  mesh = parallel.make_mesh({"data": 2, "fsdp": -1})
+  with jax.set_mesh(mesh):
+    params = dict(_flat(convert_vae_state_dict(sd, cfg)))
+    vae = load_vae(str(tmp_path / "ckpt"), cfg, mesh=mesh)
+  kernel = nnx.state(vae)["encoder"]["conv_in"]["kernel"][...]
+  np.testing.assert_array_equal(np.asarray(kernel), params[("encoder", "conv_in", "kernel")])

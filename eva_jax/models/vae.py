@@ -314,6 +314,16 @@ class WanVAE(nnx.Module):
 
 # MARK: loading
 
+def abstract_vae(cfg: VAEConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state of ShapeDtypeStructs) of WanVAE(cfg), allocating nothing.
+
+  Safe under an active mesh (`nnx.eval_shape` there resolves the logical axis names against the
+  mesh and fails); the Params keep their logical-name metadata. Fill with
+  `nnx.replace_by_pure_dict(state, params)` and `nnx.merge(graphdef, state)`.
+  """
+  return jax.eval_shape(lambda: nnx.split(WanVAE(cfg, rngs=nnx.Rngs(0))))
+
+
 def _string_keyed(tree):
   return {str(k): _string_keyed(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
@@ -334,7 +344,7 @@ def load_vae(path: str, cfg: VAEConfig, mesh: jax.sharding.Mesh | None = None) -
   from orbax.checkpoint.experimental import v1 as ocp
   from eva_jax.parallel.sharding import state_shardings
 
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
+  graphdef, state = abstract_vae(cfg)
   if mesh is not None:
     shardings = nnx.to_pure_dict(state_shardings(state, mesh))
   else:
