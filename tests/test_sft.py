@@ -143,6 +143,12 @@ def test_tiny_fsdp_run_learns_and_resumes_exactly(tmp_path):
   assert (tmp_path / "full" / "checkpoints" / "best").is_dir()
   state = _params(tmp_path / "full", 24)
   assert set(state) == {"step", "rng", "params", "opt_state"} and int(state["step"]) == 24
+  # init.kind='orbax' from a run directory gives back exactly the trained parameters (GRPO's entry)
+  trainer, _ = sft._trainer_and_conditioner(c, sft.build_wan_config(c.model), parallel.make_mesh(dict(c.mesh)))
+  init = ml_collections.ConfigDict(dict(kind="orbax", path=str(tmp_path / "full"), use_ema=False))
+  loaded = sft.initial_params(init, sft.build_wan_config(c.model), trainer)
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(x, np.asarray(y))
 
   # kill after 12 steps, resume to 24: the same parameters and losses as the uninterrupted run
   c_cut = _config(root, **dict(kw, num_steps=12))

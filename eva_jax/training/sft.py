@@ -438,9 +438,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   total = config.train.num_steps
   last: dict[str, float] = {}
   since, t0, n_timed = start, None, 0
+  data_s, since_data = 0.0, start
   with jax.set_mesh(mesh):
     for step in progress(range(start, total), total=total, initial=start, desc="sft"):
+      t_data = time.perf_counter()
       batch = trainer.global_batch(cond(next(data_iter)))
+      data_s += time.perf_counter() - t_data
       state, metrics = trainer.train_step(state, batch)
       done = step + 1
       if t0 is None:  # exclude the compiling first step from the throughput
@@ -455,6 +458,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
         if n_timed:
           dt = (time.perf_counter() - t0) / n_timed
           values.update(step_time_s=dt, examples_per_s=config.train.batch_size / dt)
+        values["data_time_s"] = data_s / max(done - since_data, 1)  # loading + online encoding, per step
+        data_s, since_data = 0.0, done
         values["learning_rate"] = float(_lr(config.optim, done))
         last = writer.write(done, values)
       val = {}
