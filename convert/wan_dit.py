@@ -193,9 +193,9 @@ def _abstract_params(cfg) -> dict:
   """Nested dict of ShapeDtypeStructs = nnx.state(WanModel(cfg)) without the LoRA factors (no memory used)."""
   from flax import nnx
   from eva_jax.models.lora import LoRAParam
-  from eva_jax.models.wan.model import WanModel
-  abstract = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(abstract, nnx.All(nnx.Param, nnx.Not(LoRAParam))))
+  from eva_jax.models.wan.loading import abstract_dit
+  _, state = abstract_dit(cfg)
+  return nnx.to_pure_dict(nnx.split_state(state, nnx.All(nnx.Param, nnx.Not(LoRAParam)), ...)[0])
 
 
 def _lookup(tree: dict, path: tuple):

@@ -30,6 +30,12 @@ def _like(tree, template):
   return {k: _like(tree[str(k)], v) for k, v in template.items()}
 
 
+def abstract_dit(cfg: WanConfig, *, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state of ShapeDtypeStructs) of WanModel(cfg), allocating nothing. Unlike nnx.eval_shape this also
+  works under an active mesh (the Params keep their logical-name metadata)."""
+  return jax.eval_shape(lambda: nnx.split(WanModel(cfg, rngs=nnx.Rngs(seed))))
+
+
 def load_dit(path: str, cfg: WanConfig, mesh: jax.sharding.Mesh | None = None, *, seed: int = 0) -> WanModel:
   """WanModel(cfg) with parameters restored from the orbax checkpoint at `path`."""
   from orbax.checkpoint.experimental import v1 as ocp
@@ -38,8 +44,8 @@ def load_dit(path: str, cfg: WanConfig, mesh: jax.sharding.Mesh | None = None, *
   def create():
     return WanModel(cfg, rngs=nnx.Rngs(seed))
 
-  abstract = nnx.eval_shape(create)
-  graphdef, base_state, rest = nnx.split(abstract, _BASE, ...)
+  graphdef, abstract_state = abstract_dit(cfg, seed=seed)
+  base_state, rest = nnx.split_state(abstract_state, _BASE, ...)
   if mesh is not None:
     shardings = state_shardings(base_state, mesh)
   else:
