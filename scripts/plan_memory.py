@@ -36,7 +36,7 @@ TARGETS = {
     "8xH100": (8, 80, {"fsdp": 8}),
     "8xH200": (8, 141, {"fsdp": 8}),
     "8xH100-ulysses4": (8, 80, {"fsdp": 2, "context": 4}),
-    "v5p-64": (64, 95, {"data": 8, "fsdp": 8}),
+    "v5p-64": (64, 95, {"fsdp": 64}),
 }
 STEPS = ("sampler-step", "sft-step", "grpo-update")
 LATENT = (13, 60, 80)

@@ -20,7 +20,9 @@ MESH_AXES = ("data", "fsdp", "context", "tensor")
 # Logical name -> mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
-    ("embed", "fsdp"),          # model width D: FSDP shards the big matrices along it
+    # Model width D: FSDP shards the big matrices along it. The context axis joins in, so that with
+    # sequence parallelism the weights are still spread over every device (ZeRO-3 over fsdp × context).
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),        # attention projections' head-major output dim
     ("mlp", "tensor"),          # FFN hidden dim
     ("kv", None),
