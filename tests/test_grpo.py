@@ -176,3 +176,31 @@ def test_rollout_log_probs_are_recomputed_exactly_and_frame0_is_imposed():
   x = grpo.impose_first_frame(lat[:, 3], batch["clean_first"])
   np.testing.assert_array_equal(np.asarray(x[:, :1]), np.asarray(batch["clean_first"]))
   np.testing.assert_array_equal(np.asarray(x[:, 1:]), np.asarray(lat[:, 3, 1:]))
+
+
+def test_zeroed_lora_is_exactly_the_wan_base_model():
+  """The zeroed-LoRA reference policy equals the DiT with its adapters disabled."""
+  from flax import nnx
+
+  from eva_jax.models.wan import WanModel, wan_config
+  from eva_jax.models.lora import LoRAParam, disable_lora  # noqa: I001
+  cfg = wan_config("tiny-i2v", lora_rank=4)
+  model = WanModel(cfg, rngs=nnx.Rngs(0))
+  gdef, lora, base = nnx.split(model, LoRAParam, ...)
+  base = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), base)  # non-zero head
+  lora = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape) * 0.1, lora)       # active adapters
+  k = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(k[0], (1, 2, 4, 4, 16))
+  t = jnp.array([[71.0, 500.0]])
+  ctx = jax.random.normal(k[1], (1, 8, cfg.text_dim))
+  clip = jax.random.normal(k[2], (1, 257, cfg.image_dim))
+  with_lora = nnx.merge(gdef, lora, base)(x, t, ctx, clip)
+  ref = nnx.merge(gdef, grpo.zeros_like_tree(lora), base)(x, t, ctx, clip)
+  m = nnx.merge(gdef, lora, base)
+  with disable_lora(m):
+    off = m(x, t, ctx, clip)
+  # Zeroed adapters add exact zeros, but XLA may merge x·A into the base matmul (x·[K | A]), whose
+  # wider blocking rounds differently: equal to float32 rounding. The trainer's reference policy runs
+  # under disable_lora (the `off` path), which is the base model itself.
+  assert rel_err(ref, off) < 1e-6
+  assert rel_err(with_lora, off) > 1e-4                               # the adapters did matter

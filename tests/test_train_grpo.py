@@ -62,6 +62,8 @@ def test_tiny_grpo_end_to_end_ratio_one_and_resume(tmp_path):
   for sub in ("idm_plots", "videos", "lora_adapter", "best_reward"):
     assert any((wd / sub).iterdir()), sub
   assert (wd / "lora_adapter" / "adapter_model.safetensors").exists()
+  from eva_jax.training.sft import restore_tree
+  assert int(restore_tree(wd / "lora_adapter" / "orbax")["iteration"]) == 2
   assert sorted(p.name for p in (wd / "idm_plots").iterdir())[0].endswith(".png")
 
   # The LoRA adapters trained (B factors start at zero).

@@ -2,9 +2,8 @@
 transition means, and the jitted LoRA update over stored rollouts.
 
 The policy is the DiT with LoRA adapters; the reference policy is the *same* model with the adapters
-switched off. Here "off" means the LoRA variables are replaced by zeros inside the graph: a LoRA
-delta `scale·(x·A)·B` is then exactly 0, so the reference forward is the base model bit for bit,
-and no second copy of the 14B base weights exists (only the small LoRA tree is zeroed).
+switched off (`ref_policy_fn`; by default the LoRA tree is zeroed, so every delta `scale·(x·A)·B`
+is 0), so no second copy of the 14B base weights exists.
 
 The update (`make_update_fn`) is a pure function of (lora, opt_state, base, batch, key):
 
@@ -126,13 +125,18 @@ def zeros_like_tree(tree):
 
 
 def make_update_fn(policy_fn: Callable[..., jax.Array], tx: optax.GradientTransformation,
-                   timesteps, sigmas, cfg: GRPOUpdateConfig):
+                   timesteps, sigmas, cfg: GRPOUpdateConfig,
+                   ref_policy_fn: Callable[..., jax.Array] | None = None):
   """The GRPO update as a pure function, ready for `jax.jit`.
 
   Args:
     policy_fn: (lora, base, x [B,F,h,w,C], t [B,F], cond dict) -> v [B,F,h,w,C]; merges the LoRA and
       base states into the model and runs it.
     tx: the optimiser over the LoRA tree (AdamW + clip by global norm).
+    ref_policy_fn: same signature, the reference (LoRA-off) policy; default: policy_fn with the
+      LoRA tree zeroed. The trainer passes the DiT run under `lora.disable_lora`, which skips the
+      adapter matmuls (zeroed adapters equal it to float rounding only: XLA may merge the adapter
+      matmul with the base one).
     timesteps: [S] model timesteps (0..1000); sigmas: [S+1] with the final 0.
   Returns:
     update(lora, opt_state, base, batch, key) -> (lora, opt_state, metrics). `batch` holds
@@ -143,6 +147,8 @@ def make_update_fn(policy_fn: Callable[..., jax.Array], tx: optax.GradientTransf
   timesteps = jnp.asarray(timesteps, jnp.float32)
   sigmas = jnp.asarray(sigmas, jnp.float32)
   n_t = cfg.num_train_timesteps
+  if ref_policy_fn is None:
+    ref_policy_fn = lambda lora, base, x, t, cond: policy_fn(zeros_like_tree(lora), base, x, t, cond)  # noqa: E731
 
   def step_loss(lora, base, mb, j):
     lat = mb["latents"]
@@ -157,7 +163,7 @@ def make_update_fn(policy_fn: Callable[..., jax.Array], tx: optax.GradientTransf
     old = mb["log_probs"][:, j]
     pg, aux = ppo_clip_loss(logp, old, adv, cfg.clip_range)
     if cfg.beta > 0:
-      v_ref = jax.lax.stop_gradient(policy_fn(zeros_like_tree(lora), base, x, tv, mb["cond"]))
+      v_ref = jax.lax.stop_gradient(ref_policy_fn(lora, base, x, tv, mb["cond"]))
       _, _, mean_ref, _ = sde_step_with_logprob(x, v_ref, sigmas[j], sigmas[j + 1], None, **sde_kw)
       kl = mean_kl(mean, mean_ref, std)
     else:

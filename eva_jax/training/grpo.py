@@ -33,7 +33,7 @@ from flax import nnx
 
 from eva_jax.diffusion.schedules import wan_timesteps
 from eva_jax.models.wan import WanModel, wan_config  # before lora: models.wan imports models.lora
-from eva_jax.models.lora import LoRAParam, export_peft  # noqa: I001
+from eva_jax.models.lora import LoRAParam, disable_lora, export_peft  # noqa: I001
 from eva_jax.parallel import make_mesh, named_sharding, state_shardings
 from eva_jax.rl import grpo as grpo_lib
 from eva_jax.rl import reward as reward_lib
@@ -296,6 +296,12 @@ def _programs(config_json: str, gdef, vae_gdef, idm_gdef, mesh):
     return nnx.merge(gdef, lora_s, base_s)(x, t, cond["context"], cond["clip_fea"])
 
   @jax.jit
+  def ref_policy_fn(lora_s, base_s, x, t, cond):
+    model = nnx.merge(gdef, lora_s, base_s)
+    with disable_lora(model):  # the adapters are skipped: exactly the base (SFT) model
+      return model(x, t, cond["context"], cond["clip_fea"])
+
+  @jax.jit
   def decode_fn(vs, z):
     return nnx.merge(vae_gdef, vs).decode(z)
 
@@ -322,7 +328,8 @@ def _programs(config_json: str, gdef, vae_gdef, idm_gdef, mesh):
       advantages=jax.jit(lambda r: grpo_lib.group_advantages(
           r, group_ids, s.num_prompts, per_group=tr.per_prompt_stat_tracking, global_std=tr.global_std,
           clip=tr.adv_clip)),
-      update=jax.jit(grpo_lib.make_update_fn(policy_fn, tx, timesteps, sigmas, up_cfg), donate_argnums=(0, 1)),
+      update=jax.jit(grpo_lib.make_update_fn(policy_fn, tx, timesteps, sigmas, up_cfg, ref_policy_fn),
+                     donate_argnums=(0, 1)),
   )
 
 
@@ -415,6 +422,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     if (it + 1) % log.checkpoint_every == 0 or last:
       ckpt.save(it + 1, dict(lora=_flat(lora), opt=_flat(opt_state)), metrics={"reward_mean": metrics["reward_mean"]},
                 meta={"iteration": it + 1}, force=True)
+      _save_adapter(workdir / "lora_adapter" / "orbax", lora, it + 1)
       model = nnx.merge(gdef, lora, base)
       export_peft(model, str(workdir / "lora_adapter"))
       if best is None or metrics["reward_mean"] > best:
@@ -423,6 +431,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   ckpt.close()
   writer.close()
   return metrics
+
+
+def _save_adapter(path: pathlib.Path, lora, iteration: int):
+  """The adapter alone (orbax StandardCheckpointer, overwritten), beside its PEFT export."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as c:
+    c.save(path.absolute(), {"lora": nnx.to_pure_dict(lora), "iteration": iteration}, force=True)
 
 
 def _plots(directory: pathlib.Path, it: int, ro, fps: float):
