@@ -42,9 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The CI-sized run (tests/test_demo.py): same stages, a few steps each, tiny frames. Batches stay
   # multiples of 8 so they split over the 8 fake CPU devices of the test suite.
   c.shortened = ml_collections.ConfigDict(dict(
-      data=dict(num_episodes=8, size=32, n_frames=17),
+      data=dict(num_episodes=32, size=32, n_frames=17, val_fraction=0.125),
       vae=dict(num_steps=10, batch_size=8),
-      idm=dict(num_steps=20, batch_size=8, image_size=64),
+      idm=dict(num_steps=150, batch_size=8, image_size=128, learning_rate=3e-3),
       sft=dict(num_steps=10, batch_size=8),
       grpo=dict(num_iterations=4, group_size=4, num_prompts=2, num_sampling_steps=4),
       report=dict(num_samples=2, max_frames=5, gif_scale=2),

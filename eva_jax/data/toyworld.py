@@ -68,9 +68,9 @@ REST_ANGLES = np.array([-np.pi / 2 - 0.1, 0.3, 0.25, 0.2, 0.15, 0.1])
 TABLE_Y = 0.88             # the table's top edge
 LEFT_BASE = (0.22, 0.9)   # (x, y) in image fractions, y grows downwards
 RIGHT_BASE = (0.78, 0.9)
-FINGER_LENGTH = 0.07
-FINGER_WIDTH = 0.025
-JOINT_RADIUS = 0.03
+FINGER_LENGTH = 0.1
+FINGER_WIDTH = 0.04
+JOINT_RADIUS = 0.018
 
 # One colour per link, warm for the left arm and cool for the right arm, so links and arms differ.
 LEFT_COLORS = np.array([[230, 60, 50], [245, 140, 40], [240, 215, 50], [170, 230, 60],

@@ -104,7 +104,7 @@ def plot_bars(path: str | os.PathLike, groups: Mapping[str, Mapping[str, float]]
               ylabel: str = "", log: bool = False) -> Path:
   """Grouped bars: {'before': {'jerk': 1.0, ...}, 'after': {...}} (e.g. per-term penalties)."""
   keys = list(dict.fromkeys(k for g in groups.values() for k in g))
-  fig = _figure(max(5.5, 1.0 + 0.6 * len(keys) * max(len(groups), 1)), 3.4)
+  fig = _figure(min(12.0, max(5.5, 1.0 + 0.6 * len(keys) * max(len(groups), 1))), 3.4)
   ax = fig.add_subplot()
   width = 0.8 / max(len(groups), 1)
   for j, (name, g) in enumerate(groups.items()):
