@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_jax import parallel
@@ -343,7 +344,9 @@ class Conditioner:
         raise ValueError("batch has neither cached 'latents' nor 'video' to encode")
       sh = parallel.named_sharding(self.mesh, ("act_batch", None, None, None, None))
       video = jax.make_array_from_process_local_data(sh, batch["video"])
-      out["latents"] = np.asarray(jax.device_get(self._encode(self._vae[1], video)))
+      latents = self._encode(self._vae[1], video)
+      # back to this host's rows (a global array spans other processes' devices on multi-host runs)
+      out["latents"] = np.asarray(multihost_utils.global_array_to_host_local_array(latents, self.mesh, sh.spec))
     b = out["latents"].shape[0]
     if "prompt_embeds" in batch:
       out["prompt_embeds"] = batch["prompt_embeds"]
