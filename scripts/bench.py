@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "grpo-step": ("grpo", None),
     "convert": ("convert", None),
     "compile": ("compile", None),
+    "scaling": ("scaling", None),
 }
 SIZES = ("tiny", "eva", "wan", "custom")
 
@@ -100,7 +101,12 @@ def main(argv=None) -> int:
   parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--device-check", action="store_true", help="the prepared one-GPU run")
   parser.add_argument("--out", default=None, help="output directory (default outputs/<date>/<time>/bench)")
+  parser.add_argument("--steps", type=int, default=0, help="sampler steps (0 = 40)")
   args = parser.parse_args(argv)
+  if args.command in ("scaling", "all") and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # the scaling bench needs several devices; on a CPU-only host fake 8 (before jax is imported)
+    if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+      os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
   if args.device_check:
     from scripts.benches import device_check

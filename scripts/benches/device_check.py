@@ -1,0 +1,96 @@
+"""`python scripts/bench.py --device-check`: one prepared run that uses a short GPU slot well (< 8 min on one GPU).
+
+In order, cheapest first, each step isolated so one failure does not hide the rest:
+  1. cuDNN flash attention forward and backward with padded keys (257 CLIP keys -> 320, masked by
+     key_value_seq_lengths) against the float32 XLA kernel: relative errors of output and gradients.
+  2. bf16 numerics: one i2v-14B-wide DiT block in bf16 vs float32 on the same weights and inputs.
+  3. dit-block at EVA's shape (15,600 tokens; forward, forward+backward, TFLOP/s; diffusers when CUDA torch exists).
+  4. vae at EVA's shape (49x480x640, encode/decode vs diffusers when CUDA torch exists).
+  5. dit: the 40-layer i2v-14B forward at EVA's shape.
+  6. sampler: a few guided steps of the 14B sampler at EVA's shape, extrapolated to 40 steps.
+On CPU it runs the same steps at tiny sizes (a dry run of the script before a GPU slot).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+
+def _rel(a, b) -> float:
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+
+def check_cudnn_attention(on_gpu: bool) -> dict:
+  from eva_jax.models.wan.attention import attention, cudnn_attention
+  b, lq, lk, n, d = (1, 4096, 257, 40, 128) if on_gpu else (1, 64, 20, 2, 16)
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (b, lq, n, d), jnp.float32)
+  k = jax.random.normal(ks[1], (b, lk, n, d), jnp.float32)
+  v = jax.random.normal(ks[2], (b, lk, n, d), jnp.float32)
+  impl = "cudnn" if on_gpu else "xla"  # off GPU the padding and masking logic runs on the xla kernel
+  fast = lambda q, k, v: cudnn_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+                                          implementation=impl).astype(jnp.float32)
+  ref = lambda q, k, v: attention(q, k, v, backend="xla")
+  out = {"shape": [b, lq, lk, n, d], "implementation": impl, "fwd_rel_err": _rel(jax.jit(fast)(q, k, v), ref(q, k, v))}
+  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * jnp.cos(jnp.arange(d))))
+  g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+  out.update({f"grad_{n_}_rel_err": _rel(a, r) for n_, a, r in zip("qkv", g_fast, g_ref)})
+  out["ok"] = max(v_ for k_, v_ in out.items() if k_.endswith("rel_err")) < 2e-2  # bf16 kernel vs fp32
+  return out
+
+
+def check_bf16_block(on_gpu: bool) -> dict:
+  from flax import nnx
+  from eva_jax.models.wan import WanModel, wan_config
+  name, lat = ("i2v-14b", (4, 30, 40)) if on_gpu else ("tiny-i2v", (3, 8, 8))
+  out = {}
+  outputs = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = wan_config(name, num_layers=1, dtype=dtype, param_dtype="float32",
+                     attention="cudnn" if on_gpu and dtype == "bfloat16" else "xla")
+    model = nnx.jit(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))()
+    ks = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(ks[0], (1, *lat, 16))
+    ctx = jax.random.normal(ks[1], (1, 512, cfg.text_dim))
+    clip = jax.random.normal(ks[2], (1, 257, cfg.image_dim))
+    outputs[dtype] = nnx.jit(lambda m, *a: m(*a))(model, x, jnp.array([700.0]), ctx, clip)
+  out["bf16_vs_fp32_rel_err"] = _rel(outputs["bfloat16"], outputs["float32"])
+  out["ok"] = out["bf16_vs_fp32_rel_err"] < 3e-2
+  return out
+
+
+def run(args) -> list[dict]:
+  from scripts.bench import run_one
+  on_gpu = jax.devices()[0].platform == "gpu"
+  size = "eva" if on_gpu else "tiny"
+  results = []
+
+  def step(name, fn):
+    t0 = time.perf_counter()
+    try:
+      r = fn()
+    except Exception as e:  # noqa: BLE001 - report and go on
+      traceback.print_exc()
+      r = {"error": f"{type(e).__name__}: {e}"}
+    r = dict(r) if isinstance(r, dict) else {"results": r}
+    r.setdefault("name", name)
+    r.setdefault("size", size)
+    r["wall_s"] = time.perf_counter() - t0
+    results.append(r)
+    print(f"[device-check] {name}: {r.get('error', 'ok')} ({r['wall_s']:.1f} s)", flush=True)
+
+  step("cudnn-attention", lambda: check_cudnn_attention(on_gpu))
+  step("bf16-block", lambda: check_bf16_block(on_gpu))
+  for name in ("dit-block", "vae", "dit"):
+    step(name, lambda name=name: run_one(name, size, copy.copy(args)))
+  sampler_args = copy.copy(args)
+  sampler_args.steps = 3 if on_gpu else 0  # a few steps on GPU; extrapolated per-video time in the result
+  step("sampler", lambda: run_one("sampler", size, sampler_args))
+  return results
