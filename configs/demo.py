@@ -18,7 +18,8 @@ from configs.common import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, short=False, seed=0)
+  # 'tiny' is an alias of 'short' (every config's smoke variant is called tiny)
+  arg = parse_arg(arg.replace('tiny', 'short') if arg else arg, short=False, seed=0)
   c = ml_collections.ConfigDict()
   c.seed = arg.seed
   c.short = arg.short
