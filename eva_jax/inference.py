@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eva_jax.utils.tree import keyed_like, string_keys
+
 IMAGE_CSV_COLUMNS = ("image_path", "height", "width", "fps", "n_frames", "caption")
 
 
@@ -99,17 +101,6 @@ def is_converted_checkpoint(path: str | pathlib.Path) -> bool:
                                                               "_METADATA"))
 
 
-def _str_keys(tree):
-  return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
-
-
-def _rekey(tree, template):
-  """A string-keyed restored dict re-keyed like `template` (integer keys for layer lists)."""
-  if not isinstance(template, Mapping):
-    return tree
-  return {k: _rekey(tree[str(k)], v) for k, v in template.items()}
-
-
 def load_converted(path: str | pathlib.Path, build, mesh=None):
   """The module `build()` makes, with parameters read from a converted orbax checkpoint, placed by
   their logical axis names on `mesh` (or on the first device) straight from disk."""
@@ -123,7 +114,7 @@ def load_converted(path: str | pathlib.Path, build, mesh=None):
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: one, pure)
   targets = jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), pure, shardings)
-  nnx.replace_by_pure_dict(state, _rekey(ocp.load(str(pathlib.Path(path).absolute()), _str_keys(targets)),
+  nnx.replace_by_pure_dict(state, keyed_like(ocp.load(str(pathlib.Path(path).absolute()), string_keys(targets)),
                                          targets))
   return nnx.merge(graphdef, state)
 

@@ -26,6 +26,7 @@ from flax import nnx
 from eva_jax.models.vae_layers import (AttentionBlock, Cache, Conv3d, MidBlock, Resample, ResidualBlock,
                                        RMSNorm)
 from eva_jax.parallel.sharding import constrain
+from eva_jax.utils.tree import keyed_like, string_keys
 
 # Per-channel statistics of the Wan 2.1 latents: z_model = (mu - mean) / std (spec/wan.md B.5).
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -324,17 +325,6 @@ def abstract_vae(cfg: VAEConfig) -> tuple[nnx.GraphDef, nnx.State]:
   return jax.eval_shape(lambda: nnx.split(WanVAE(cfg, rngs=nnx.Rngs(0))))
 
 
-def _string_keyed(tree):
-  return {str(k): _string_keyed(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def _keyed_like(tree, template):
-  """Orbax stores list indices as strings; give them back the int keys of `template`."""
-  if not isinstance(template, dict):
-    return tree
-  return {k: _keyed_like(tree[str(k)], v) for k, v in template.items()}
-
-
 def load_vae(path: str, cfg: VAEConfig, mesh: jax.sharding.Mesh | None = None) -> WanVAE:
   """WanVAE(cfg) with parameters restored from the orbax checkpoint written by `python -m convert --kind vae`.
 
@@ -352,6 +342,6 @@ def load_vae(path: str, cfg: VAEConfig, mesh: jax.sharding.Mesh | None = None) -
     shardings = jax.tree.map(lambda _: single, nnx.to_pure_dict(state))
   targets = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                          nnx.to_pure_dict(state), shardings)
-  restored = _keyed_like(ocp.load(path, _string_keyed(targets)), targets)
+  restored = keyed_like(ocp.load(path, string_keys(targets)), targets)
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)

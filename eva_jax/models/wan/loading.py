@@ -15,19 +15,10 @@ from flax import nnx
 from eva_jax.models.lora import LoRAParam
 from eva_jax.models.wan.config import WanConfig
 from eva_jax.models.wan.model import WanModel
+from eva_jax.utils.tree import keyed_like, string_keys
 
 _BASE = nnx.All(nnx.Param, nnx.Not(LoRAParam))
 
-
-def _str_keys(tree):
-  return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def _like(tree, template):
-  """Re-keys a string-keyed dict like `template` (whose layer-list keys are ints)."""
-  if not isinstance(template, dict):
-    return tree
-  return {k: _like(tree[str(k)], v) for k, v in template.items()}
 
 
 def abstract_dit(cfg: WanConfig, *, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
@@ -53,7 +44,7 @@ def load_dit(path: str, cfg: WanConfig, mesh: jax.sharding.Mesh | None = None, *
     shardings = jax.tree.map(lambda _: single, base_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   targets = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                          nnx.to_pure_dict(base_state), nnx.to_pure_dict(shardings))
-  restored = _like(ocp.load(path, _str_keys(targets)), targets)
+  restored = keyed_like(ocp.load(path, string_keys(targets)), targets)
   nnx.replace_by_pure_dict(base_state, restored)
   if jax.tree.leaves(rest):
     # Only the LoRA factors are computed: XLA drops the unused base-weight initialisers.
