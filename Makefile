@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --durations=15
+DEMO_ARGS ?= --config=configs/demo.py:tiny
 
 .PHONY: install install-test demo test bench clean
 
@@ -23,7 +24,7 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-demo: install
+demo: install  ## the CI-sized end-to-end run; the full demo is `python scripts/demo.py` (docs/demo.md)
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 test: install-test
