@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dit="",            # base DiT (diffusion_pytorch_model*.safetensors dir, or orbax)
       tuned="",          # EVA's tuned_ckpt_path (Lightning .ckpt, 'model.' prefix) -> replaces the DiT
       vae="", clip="", umt5="", tokenizer="",
+      lora="",           # a GRPO LoRA adapter directory (PEFT layout: lora_adapter/ or best_reward/), merged in
       random_init=False))
 
   c.use_mesh = True

@@ -207,6 +207,10 @@ def build_models(config, text_dim: int, mesh=None) -> Models:
   else:
     dit = _load_into(lambda: WanModel(dit_cfg, rngs=nnx.Rngs(0)), convert, dit_cfg, dit_path,
                      "tuned" if c.tuned else "dit", c.random_init, mesh)
+  if c.get("lora"):  # a GRPO adapter (lora_adapter/ or best_reward/, PEFT layout) merged into the DiT
+    from eva_jax.models.lora import merge_peft
+    merged = merge_peft(dit, c.lora)
+    print(f"merged LoRA adapter {c.lora} into {merged} DiT projections")
   return Models(dit, vae, clip)
 
 

@@ -178,3 +178,48 @@ def load_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks", 
   unused = sorted(set(tensors) - used)
   if strict and unused:
     raise KeyError(f"{file}: unexpected adapter keys {unused[:5]}{' ...' if len(unused) > 5 else ''}")
+
+
+def merge_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks") -> int:
+  """Adds a PEFT LoRA adapter (`export_peft`'s or PEFT's layout) into the kernels of a model *without*
+  adapters: kernel += (alpha / r) · Aᵀ Bᵀ. This is how inference applies a GRPO adapter to a base or SFT
+  DiT. Stacked (scanned) layers take `<container>.<i>.` keys into slice i. Returns the modules updated.
+  Every adapter key must land on a module; a missing module or a shape mismatch raises naming the key."""
+  from safetensors.numpy import load_file
+  file = path if path.endswith(".safetensors") else os.path.join(path, "adapter_model.safetensors")
+  cfg_file = os.path.join(os.path.dirname(file), "adapter_config.json")
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{cfg_file}: PEFT adapter_config.json (r, lora_alpha) is missing")
+  with open(cfg_file) as f:
+    peft_cfg = json.load(f)
+  scale = float(peft_cfg["lora_alpha"]) / float(peft_cfg["r"])
+  tensors = load_file(file)
+  modules = {".".join(str(p) for p in path_): m for path_, m in nnx.iter_modules(model)}
+  prefix, suffix_a, suffix_b = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
+  count = 0
+  for key_a in sorted(k for k in tensors if k.endswith(suffix_a)):
+    name = key_a[len(prefix):-len(suffix_a)] if key_a.startswith(prefix) else key_a[:-len(suffix_a)]
+    key_b = key_a[:-len(suffix_a)] + suffix_b
+    if key_b not in tensors:
+      raise KeyError(f"{file}: {key_b!r} is missing (its lora_A is present)")
+    module, index = modules.get(name), None
+    parts = name.split(".")
+    if module is None and layer_container in parts:
+      at = parts.index(layer_container) + 1
+      if at < len(parts) and parts[at].isdigit():
+        index = int(parts[at])
+        module = modules.get(".".join(parts[:at] + parts[at + 1:]))
+    if module is None or not hasattr(module, "kernel"):
+      raise KeyError(f"{file}: adapter {name!r} matches no linear layer of the model")
+    delta = (tensors[key_a].T.astype(np.float32) @ tensors[key_b].T.astype(np.float32)) * scale   # [in, out]
+    kernel = module.kernel[...]
+    target = kernel[index] if index is not None else kernel
+    if tuple(target.shape) != delta.shape:
+      raise ValueError(f"{file}: adapter {name!r} gives a delta of shape {delta.shape}, the kernel is {target.shape}")
+    new = target.astype(jnp.float32) + delta
+    module.kernel[...] = (kernel.at[index].set(new.astype(kernel.dtype)) if index is not None
+                          else new.astype(kernel.dtype))
+    count += 1
+  if not count:
+    raise ValueError(f"{file}: no LoRA adapter tensors found")
+  return count
