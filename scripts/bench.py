@@ -102,6 +102,7 @@ def main(argv=None) -> int:
   parser.add_argument("--device-check", action="store_true", help="the prepared one-GPU run")
   parser.add_argument("--out", default=None, help="output directory (default outputs/<date>/<time>/bench)")
   parser.add_argument("--steps", type=int, default=0, help="sampler steps (0 = 40)")
+  parser.add_argument("--quick", action="store_true", help="smaller sweeps where a bench has them (tests)")
   args = parser.parse_args(argv)
   if args.command in ("scaling", "all") and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     # the scaling bench needs several devices; on a CPU-only host fake 8 (before jax is imported)
