@@ -36,19 +36,24 @@ def _linear(cfg: WanConfig, name: str, din: int, dout: int, names, rngs, *, fp32
   return Linear(din, dout, **common)
 
 
+def _init_projections(module: nnx.Module, cfg: WanConfig, rngs: nnx.Rngs) -> None:
+  """The q, k, v, o projections and the q/k RMSNorms over the full width that both attentions share."""
+  module.cfg = cfg
+  d = cfg.dim
+  for name in ("q", "k", "v"):
+    setattr(module, name, _linear(cfg, name, d, d, ("embed", "heads"), rngs))
+  module.o = _linear(cfg, "o", d, d, ("heads", "embed"), rngs)
+  module.norm_q = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+  module.norm_k = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+
+
 # MARK: attention layers
 
 class SelfAttention(nnx.Module):
   """q, k, v, o projections, RMSNorm of q and k over the full width, 3D RoPE."""
 
   def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d = cfg.dim
-    for name in ("q", "k", "v"):
-      setattr(self, name, _linear(cfg, name, d, d, ("embed", "heads"), rngs))
-    self.o = _linear(cfg, "o", d, d, ("heads", "embed"), rngs)
-    self.norm_q = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
-    self.norm_k = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+    _init_projections(self, cfg, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -66,13 +71,8 @@ class CrossAttention(nnx.Module):
   """Attention to the text tokens; i2v adds a second softmax over the CLIP tokens, summed before `o`."""
 
   def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+    _init_projections(self, cfg, rngs)
     d = cfg.dim
-    for name in ("q", "k", "v"):
-      setattr(self, name, _linear(cfg, name, d, d, ("embed", "heads"), rngs))
-    self.o = _linear(cfg, "o", d, d, ("heads", "embed"), rngs)
-    self.norm_q = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
-    self.norm_k = RMSNorm(d, eps=cfg.eps, param_dtype=cfg.weight_dtype)
     if cfg.is_i2v:
       self.k_img = _linear(cfg, "k_img", d, d, ("embed", "heads"), rngs)
       self.v_img = _linear(cfg, "v_img", d, d, ("embed", "heads"), rngs)
