@@ -103,6 +103,10 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=None, help="output directory (default outputs/<date>/<time>/bench)")
   parser.add_argument("--steps", type=int, default=0, help="sampler steps (0 = 40)")
   parser.add_argument("--quick", action="store_true", help="smaller sweeps where a bench has them (tests)")
+  parser.add_argument("--profile", action="store_true",
+                      help="dit/dit-block: per-kernel device time from a profiler trace, optimised HLO to --out")
+  parser.add_argument("--budget-s", type=float, default=480.0,
+                      help="--device-check: skip the remaining steps once this many seconds have passed")
   args = parser.parse_args(argv)
   if args.command in ("scaling", "all") and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     # the scaling bench needs several devices; on a CPU-only host fake 8 (before jax is imported)
@@ -110,17 +114,29 @@ def main(argv=None) -> int:
       os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
   if args.device_check:
-    from scripts.benches import device_check
-    results = device_check.run(args)
-  else:
-    names = sorted(SUBCOMMANDS) if args.command == "all" else [args.command]
-    results = [run_one(n, args.size, args) for n in names]
+    # JAX and torch share the GPU in one process: allocate on demand rather than grabbing 75% up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
   from eva_jax.utils.rundir import make_run_dir
   out = pathlib.Path(args.out) if args.out else make_run_dir() / "bench"
   out.mkdir(parents=True, exist_ok=True)
-  payload = {"machine": machine_info(), "results": results}
-  (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+  args.out = str(out)
+
+  def save(results):  # after every bench, so an interrupted run keeps what it measured
+    payload = {"machine": machine_info(), "results": results}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+
+  if args.device_check:
+    from scripts.benches import device_check
+    results = device_check.run(args, save)
+  else:
+    names = sorted(SUBCOMMANDS) if args.command == "all" else [args.command]
+    results = []
+    for n in names:
+      results.append(run_one(n, args.size, args))
+      save(results)
+  save(results)
   print(format_table(results))
   print(f"\nJSON: {out / 'results.json'}")
   return 1 if any("error" in r for r in results) else 0

@@ -30,4 +30,6 @@ def test_subcommand_tiny(tmp_path, name):
   if name in WITH_REFERENCE:
     assert r["reference"]["median_s"] > 0
     assert r["rel_err"] < WITH_REFERENCE[name], r["rel_err"]
+  if name == "dit-block":  # the reference block's training step is timed too
+    assert r["reference_fwd_bwd"]["median_s"] > 0 and r["jax_fwd_bwd"]["median_s"] > 0
   assert name in proc.stdout  # the table row

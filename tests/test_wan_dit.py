@@ -19,10 +19,10 @@ N_TEXT = 7                        # true prompt length; padded with zeros to tex
 
 # MARK: references
 
-def diffusers_model(name: str, seed: int = 0):
-  """The tiny diffusers model matching wan_config(name), with every parameter randomised (norm weights too)."""
+def diffusers_model(name: str, seed: int = 0, **overrides):
+  """The diffusers model matching wan_config(name, **overrides), every parameter randomised (norm weights too)."""
   from diffusers import WanTransformer3DModel
-  cfg = wan_config(name)
+  cfg = wan_config(name, **overrides)
   torch.manual_seed(seed)
   model = WanTransformer3DModel(
       patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,

@@ -27,11 +27,13 @@ def time_fn(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) -> d
   return {"median_s": statistics.median(times), "times_s": times}
 
 
-def time_torch(fn: Callable, *args, warmup: int = 1, iters: int = 5) -> dict:
-  """Same for a PyTorch callable (synchronises CUDA when present)."""
+def time_torch(fn: Callable, *args, warmup: int = 1, iters: int = 5, grad: bool = False) -> dict:
+  """Same for a PyTorch callable (synchronises CUDA when present); under no_grad unless `grad`."""
+  import contextlib
+
   import torch
   sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-  with torch.no_grad():
+  with contextlib.nullcontext() if grad else torch.no_grad():
     for _ in range(warmup):
       fn(*args)
     sync()
@@ -60,3 +62,48 @@ def device_peak_memory_mb(device=None) -> float | None:
   if not stats:
     return None
   return stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)) / 2**20
+
+
+def profile_kernels(fn: Callable, *args, iters: int = 2, top: int = 30, trace_dir: str | None = None) -> dict:
+  """Device-kernel time of `fn(*args)` from a jax.profiler trace, summed by kernel name.
+
+  Returns {'per_call_ms': total kernel time per call, 'kernels': [(name, ms per call, count per call)],
+  top entries first}. On CPU there are no device planes and 'kernels' is empty. `fn` must be warm.
+  """
+  import collections
+  import glob
+  import tempfile
+
+  from jax.profiler import ProfileData
+  trace_dir = trace_dir or tempfile.mkdtemp(prefix="eva_jax_profile_")
+  block(fn(*args))
+  jax.profiler.start_trace(trace_dir)
+  try:
+    for _ in range(iters):
+      block(fn(*args))
+  finally:
+    jax.profiler.stop_trace()
+  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  if not files:
+    return {"per_call_ms": None, "kernels": [], "note": f"no trace written under {trace_dir}"}
+  # Device planes hold one line per stream (the kernels) plus aggregate lines; 'XLA Ops' names the HLO
+  # instruction of each kernel, which maps back to the optimised HLO text.
+  kernel_ns, kernel_n = collections.Counter(), collections.Counter()
+  op_ns = collections.Counter()
+  aggregate = ("XLA Modules", "Steps", "Framework Ops", "Framework Name Scope", "Source code")
+  for plane in ProfileData.from_file(files[-1]).planes:
+    if not plane.name.startswith(("/device:GPU", "/device:TPU")):
+      continue
+    for line in plane.lines:
+      if line.name in aggregate:
+        continue
+      for event in line.events:
+        if line.name == "XLA Ops":
+          op_ns[event.name] += event.duration_ns
+        else:
+          kernel_ns[event.name] += event.duration_ns
+          kernel_n[event.name] += 1
+  per_call = lambda ns: ns / iters / 1e6
+  return {"per_call_ms": per_call(sum(kernel_ns.values())),
+          "kernels": [(k, per_call(ns), kernel_n[k] / iters) for k, ns in kernel_ns.most_common(top)],
+          "ops": [(k, per_call(ns)) for k, ns in op_ns.most_common(top)], "trace_dir": trace_dir}

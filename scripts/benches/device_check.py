@@ -14,6 +14,7 @@ On CPU it runs the same steps at tiny sizes (a dry run of the script before a GP
 from __future__ import annotations
 
 import copy
+import gc
 import time
 import traceback
 
@@ -66,31 +67,54 @@ def check_bf16_block(on_gpu: bool) -> dict:
   return out
 
 
-def run(args) -> list[dict]:
+def _torch_empty_cache():
+  """Hands torch's cached CUDA blocks back so the JAX benches that follow can use them."""
+  try:
+    import torch
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+  except ImportError:
+    pass
+
+
+def run(args, save=lambda results: None) -> list[dict]:
   from scripts.bench import run_one
   on_gpu = jax.devices()[0].platform == "gpu"
   size = "eva" if on_gpu else "tiny"
+  budget_s = float(getattr(args, "budget_s", 480.0) or 480.0)
+  start = time.perf_counter()
   results = []
 
   def step(name, fn):
     t0 = time.perf_counter()
-    try:
-      r = fn()
-    except Exception as e:  # noqa: BLE001 - report and go on
-      traceback.print_exc()
-      r = {"error": f"{type(e).__name__}: {e}"}
+    if t0 - start > budget_s:
+      r = {"error": f"skipped: the {budget_s:.0f} s budget was spent before this step"}
+    else:
+      try:
+        r = fn()
+      except Exception as e:  # noqa: BLE001 - report and go on
+        traceback.print_exc()
+        r = {"error": f"{type(e).__name__}: {e}"}
     r = dict(r) if isinstance(r, dict) else {"results": r}
     r.setdefault("name", name)
     r.setdefault("size", size)
     r["wall_s"] = time.perf_counter() - t0
     results.append(r)
-    print(f"[device-check] {name}: {r.get('error', 'ok')} ({r['wall_s']:.1f} s)", flush=True)
+    save(results)
+    gc.collect()  # the previous bench's models go before the next one allocates
+    _torch_empty_cache()
+    print(f"[device-check] {name}: {r.get('error', 'ok')} ({r['wall_s']:.1f} s, "
+          f"{time.perf_counter() - start:.0f} s in)", flush=True)
 
   step("cudnn-attention", lambda: check_cudnn_attention(on_gpu))
   step("bf16-block", lambda: check_bf16_block(on_gpu))
-  for name in ("dit-block", "vae", "dit"):
+  block_args = copy.copy(args)
+  block_args.profile = True  # per-kernel times and the optimised HLO of the block: what to speed up next
+  step("dit-block", lambda: run_one("dit-block", size, block_args))
+  for name in ("vae", "dit"):
     step(name, lambda name=name: run_one(name, size, copy.copy(args)))
   sampler_args = copy.copy(args)
   sampler_args.steps = 3 if on_gpu else 0  # a few steps on GPU; extrapolated per-video time in the result
+  sampler_args.iters = 1
   step("sampler", lambda: run_one("sampler", size, sampler_args))
   return results

@@ -20,7 +20,7 @@ from flax import nnx
 
 from eva_jax.models.wan import WanModel, wan_config
 from eva_jax.models.wan.rope import rope_tables
-from eva_jax.utils.timing import device_peak_memory_mb, time_fn, time_torch
+from eva_jax.utils.timing import device_peak_memory_mb, profile_kernels, time_fn, time_torch
 
 LATENTS = {"tiny": (5, 8, 12), "eva": (13, 60, 80), "wan": (21, 60, 104)}
 N_IMG, N_TEXT = 257, 512
@@ -47,14 +47,18 @@ def _config(size, args, num_layers):
                     attention="cudnn" if on_gpu else "xla", remat="full" if num_layers > 1 else "none")
 
 
-def _torch_reference(cfg, size, args):
+def _torch_reference(size, args, full):
+  """The diffusers model with the same random weights, where it can run: always for tiny (CPU float32);
+  for the large sizes one block (dit-block) when CUDA torch is present. None otherwise."""
   if getattr(args, "no_reference", False):
     return None
   import torch
-  if size != "tiny" and not torch.cuda.is_available():
-    return None
   from tests.test_wan_dit import diffusers_model
-  return diffusers_model("tiny-i2v") if size == "tiny" else None
+  if size == "tiny":
+    return diffusers_model("tiny-i2v")
+  if full or not torch.cuda.is_available():
+    return None
+  return diffusers_model("i2v-14b", num_layers=1)  # built in float32 on the CPU, converted, then moved
 
 
 def run(size: str, args) -> dict:
@@ -65,7 +69,7 @@ def run(size: str, args) -> dict:
   tokens = f * (h // 2) * (w // 2)
   full = what == "model"
   cfg = _config(size, args, num_layers=(2 if size == "tiny" else 40) if full else 1)
-  ref_model = _torch_reference(cfg, size, args) if size == "tiny" else None
+  ref_model = _torch_reference(size, args, full)
 
   t0 = time.perf_counter()
   model = nnx.jit(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))()
@@ -105,10 +109,11 @@ def run(size: str, args) -> dict:
 
   def fwd_pure(state, *xs):
     return apply(nnx.merge(graphdef, state), *xs)
-  fwd = jax.jit(fwd_pure)
   args_j = (state, *inputs)
 
+  # Compiled ahead of time: the timed executables are the ones whose HLO and kernels are reported.
   t0 = time.perf_counter()
+  fwd = jax.jit(fwd_pure).lower(*args_j).compile()
   jax.block_until_ready(fwd(*args_j))
   result["compile_fwd_s"] = time.perf_counter() - t0
   timing = time_fn(fwd, *args_j, warmup=1, iters=iters)
@@ -118,42 +123,74 @@ def run(size: str, args) -> dict:
   # forward + backward: gradients for every weight and for x (what training needs at most).
   def loss_fn(state, *rest):
     return jnp.mean(jnp.square(fwd_pure(state, *rest).astype(jnp.float32)))
-  grad = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))
   t0 = time.perf_counter()
+  grad = jax.jit(jax.grad(loss_fn, argnums=(0, 1))).lower(*args_j).compile()
   jax.block_until_ready(grad(*args_j))
   result["compile_fwd_bwd_s"] = time.perf_counter() - t0
   result["jax_fwd_bwd"] = time_fn(grad, *args_j, warmup=1, iters=iters)
   result["tflops_fwd_bwd"] = 3 * flops / result["jax_fwd_bwd"]["median_s"] / 1e12
   result["device_peak_mb"] = device_peak_memory_mb()
+  if getattr(args, "profile", False):
+    result["profile_fwd"] = profile_kernels(fwd, *args_j)
+    result["profile_fwd_bwd"] = profile_kernels(grad, *args_j)
+    if getattr(args, "out", None):  # the optimised HLO maps the profile's op names to fusions
+      import gzip
+      import pathlib
+      out = pathlib.Path(args.out)
+      out.mkdir(parents=True, exist_ok=True)
+      for tag, compiled in (("fwd", fwd), ("fwd_bwd", grad)):
+        with gzip.open(out / f"{what}_{size}_{tag}.hlo.txt.gz", "wt") as fh:
+          fh.write(compiled.as_text())
 
   if ref_model is not None:
-    result.update(_compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg))
+    result.update(_compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg, iters))
   return result
 
 
-def _compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg) -> dict:
-  """Same inputs through diffusers (float32 CPU): timing and relative error of our output."""
+def _compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg, iters) -> dict:
+  """Same weights and inputs through diffusers: its timing (forward, and forward+backward for one block)
+  and the relative error of our output. Float32 on the CPU; bf16 on CUDA when our model runs bf16."""
   import torch
   from tests.utils import rel_err
   f, h, w = grid_lat
-  np_args = [np.asarray(a, np.float32) for a in args_j[1:]]
+  cuda = torch.cuda.is_available() and jax.devices()[0].platform == "gpu"
+  dev = "cuda" if cuda else "cpu"
+  tdtype = torch.bfloat16 if cuda and cfg.dtype == "bfloat16" else torch.float32
+  ref_model = ref_model.to(dev, tdtype)
+  as_t = lambda a: torch.from_numpy(np.array(a, np.float32)).to(dev, tdtype)
   ours = np.asarray(fwd(*args_j), np.float32)
+  out: dict = {}
   with torch.no_grad():
     if full:
-      x, t, ctx, clip = np_args
-      xt = np.concatenate([x, np.zeros(x.shape[:-1] + (20,), np.float32)], -1)
-      hidden = torch.from_numpy(xt).permute(0, 4, 1, 2, 3).contiguous()
-      call = lambda: ref_model(hidden, torch.from_numpy(t), torch.from_numpy(ctx),
-                               encoder_hidden_states_image=torch.from_numpy(clip), return_dict=False)[0]
-      ref = call().permute(0, 2, 3, 4, 1).numpy()
+      x, t, ctx, clip = args_j[1:]
+      xt = np.concatenate([np.asarray(x, np.float32), np.zeros(x.shape[:-1] + (20,), np.float32)], -1)
+      hidden = as_t(xt).permute(0, 4, 1, 2, 3).contiguous()
+      call = lambda: ref_model(hidden, as_t(t), as_t(ctx), encoder_hidden_states_image=as_t(clip),
+                               return_dict=False)[0]
+      ref = call().float().permute(0, 2, 3, 4, 1).cpu().numpy()
     else:
-      x, e0, ctx, img = np_args
+      x, e0, ctx, img = args_j[1:]
       block = ref_model.blocks[0]
-      rotary = ref_model.rope(torch.zeros(1, cfg.in_dim, f, h, w))
-      enc = torch.from_numpy(np.concatenate([img, ctx], axis=1))
-      temb = torch.from_numpy(e0[:, 0])                                        # [1, 6, D]
-      xt = torch.from_numpy(x)
+      rotary = ref_model.rope(torch.zeros(1, cfg.in_dim, f, h, w, device=dev, dtype=tdtype))
+      enc = torch.cat([as_t(img), as_t(ctx)], dim=1)
+      temb = as_t(e0)[:, 0]                                                  # [1, 6, D]
+      xt = as_t(x)
       call = lambda: block(xt, enc, temb, rotary)
-      ref = call().numpy()
-  return {"reference": time_torch(call, warmup=1, iters=3), "rel_err": rel_err(ours, ref),
-          "reference_impl": "diffusers WanTransformer3DModel (torch CPU float32)"}
+      ref = call().float().cpu().numpy()
+
+      def fwd_bwd():
+        with torch.enable_grad():
+          block.zero_grad(set_to_none=True)
+          xg = xt.detach().requires_grad_(True)
+          block(xg, enc, temb, rotary).float().square().mean().backward()
+      out["reference_fwd_bwd"] = time_torch(fwd_bwd, warmup=1, iters=iters, grad=True)
+      if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        out["reference_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+  out.update({"reference": time_torch(call, warmup=1, iters=iters), "rel_err": rel_err(ours, ref),
+              "reference_impl": f"diffusers {'WanTransformer3DModel' if full else 'WanTransformerBlock'} "
+                                f"(torch {dev} {str(tdtype).removeprefix('torch.')}, eager)"})
+  return out

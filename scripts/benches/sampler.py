@@ -76,5 +76,7 @@ def run(size: str, args) -> dict:
   return dict(
       video=f"{frames}x{height}x{width}", steps=steps, passes_per_step=3, dtype=dtype, dit=dit_cfg.num_layers,
       init_s=init_s, first_video_s=warm_s, loop_s=loop_s, per_step_s=loop_s / steps, decode_s=decode_s,
+      # what a 40-step video costs at this per-step time (the device check runs only a few steps)
+      video_40_steps_s=40 * loop_s / steps + decode_s,
       jax={"median_s": total, "times_s": [sum(r) for r in runs]}, device_peak_mb=device_peak_memory_mb(),
       note="s/video = loop + decode; goal on one H200 at eva size: <= 110 s (PyTorch eager ~140 s)")
