@@ -45,7 +45,8 @@ def machine_info() -> dict:
   dev = jax.devices()[0]
   info = {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
           "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-          "jax": jax.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+          "jax": jax.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   try:
     import flax
     info["flax"] = flax.__version__
@@ -105,6 +106,11 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="smaller sweeps where a bench has them (tests)")
   parser.add_argument("--profile", action="store_true",
                       help="dit/dit-block: per-kernel device time from a profiler trace, optimised HLO to --out")
+  parser.add_argument("--remat", default=None, choices=("none", "full", "dots", "offload"),
+                      help="dit: the layer rematerialisation policy of the forward+backward (default full)")
+  parser.add_argument("--only", default=None,
+                      help="--device-check: comma-separated steps to run (cudnn-attention, bf16-block, dit-block, "
+                           "vae, dit, sampler)")
   parser.add_argument("--budget-s", type=float, default=480.0,
                       help="--device-check: skip the remaining steps once this many seconds have passed")
   args = parser.parse_args(argv)
