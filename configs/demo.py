@@ -34,8 +34,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.idm = ml_collections.ConfigDict(dict(num_steps=600, batch_size=32, learning_rate=1e-3,
                                          image_size=128))
   c.sft = ml_collections.ConfigDict(dict(num_steps=400, batch_size=8, learning_rate=1e-3))
+  # num_conditions: first frames (training rows of the toy CSV) cycled num_prompts per iteration; a
+  # divisor of num_prompts · num_iterations / 4 gives the reward curve's first and last quarters the
+  # same first frames, so the two are compared on equal footing.
   c.grpo = ml_collections.ConfigDict(dict(num_iterations=24, group_size=8, num_prompts=1,
-                                          num_sampling_steps=10, learning_rate=1e-3))
+                                          num_sampling_steps=10, learning_rate=1e-3, num_conditions=6))
 
   # Report: how many sampled videos to show before/after alignment, frames per strip.
   c.report = ml_collections.ConfigDict(dict(num_samples=4, max_frames=9, gif_scale=3))
@@ -47,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       vae=dict(num_steps=10, batch_size=8),
       idm=dict(num_steps=150, batch_size=8, image_size=128, learning_rate=3e-3),
       sft=dict(num_steps=10, batch_size=8),
-      grpo=dict(num_iterations=4, group_size=4, num_prompts=2, num_sampling_steps=4),
+      grpo=dict(num_iterations=4, group_size=4, num_prompts=2, num_sampling_steps=4,
+                num_conditions=2),
       report=dict(num_samples=2, max_frames=5, gif_scale=2),
   ))
   return c

@@ -203,8 +203,18 @@ def _sft_overrides(ctx: DemoContext) -> dict[str, Any]:
 
 def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
   c, d = ctx.config.grpo, ctx.config.data
+  # Rollouts start from the toy CSV's own first frames (VAE-encoded at the demo's frame size) with the
+  # text conditioning the SFT stage trained on, so the policy is the world model in its own setting.
+  sft = _override(_stage_config("sft"), _sft_overrides(ctx), "configs/sft.py:tiny")
+  if sft.clip.source != "zeros":  # grpo's csv conditions feed zero CLIP features, as SFT's 'zeros'
+    raise ValueError(f"demo: configs/sft.py:tiny has clip.source={sft.clip.source!r}; GRPO's csv "
+                     "conditions need 'zeros'")
   # Wan VAE: 8× spatial and 4× temporal compression (first frame kept), so 1 + 4k frames.
   return {"seed": ctx.config.seed, "num_iterations": c.num_iterations,
+          "data.kind": "csv", "data.data_root": str(ctx.data_root),
+          "data.metadata_path": toyworld.CSV_NAME, "data.split": "training",
+          "data.num_conditions": c.num_conditions,
+          "data.text_source": sft.text.source, "data.text_tokens": sft.data.max_text_tokens,
           "reward.idm_checkpoint": str(ctx.stage_dir("idm")),
           "model.checkpoint": str(ctx.stage_dir("sft")),
           "sample.group_size": c.group_size, "sample.num_prompts": c.num_prompts,

@@ -61,6 +61,22 @@ def test_constant_predictor_mae():
   np.testing.assert_allclose(demo.constant_predictor_mae(train, evals), np.full(14, 3.0))
 
 
+def test_grpo_stage_starts_from_the_toy_csv_with_sfts_conditioning(tmp_path):
+  """GRPO rollouts start from the toy CSV's first frames with the text SFT trained on."""
+  from configs import sft as sft_config
+  cfg = demo.resolve_config(demo_config.get_config("short"))
+  ctx = demo.DemoContext(cfg, tmp_path, {})
+  grpo = demo._override(demo._stage_config("grpo"), demo._grpo_overrides(ctx), "configs/grpo.py:tiny")
+  sft = sft_config.get_config("tiny")
+  assert (grpo.data.kind, grpo.data.split) == ("csv", "training")
+  assert grpo.data.data_root == str(tmp_path / "data") and grpo.data.metadata_path == "robotwin_videos.csv"
+  assert (grpo.data.text_source, grpo.data.text_tokens) == (sft.text.source, sft.data.max_text_tokens)
+  assert (grpo.data.text_source, grpo.data.text_tokens) == ("synthetic", 16)
+  # Frame size 32 -> 4x4 latents; 2 first frames, the same in the first and last reward quarter.
+  assert (grpo.sample.latent_height, grpo.sample.latent_width, grpo.sample.latent_frames) == (4, 4, 5)
+  assert grpo.data.num_conditions == 2 and grpo.sample.num_prompts * (grpo.num_iterations // 4) % 2 == 0
+
+
 def test_failed_and_unavailable_stages_are_reported_not_faked(tmp_path, monkeypatch):
   def boom(ctx):
     raise ValueError("bad toy")

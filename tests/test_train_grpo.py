@@ -12,6 +12,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -113,3 +114,44 @@ def test_csv_conditions_encode_first_frames(tmp_path):
   # The text stand-in is SFT's: a fixed Gaussian per caption (crc32 seed).
   ref = np.random.default_rng(zlib.crc32(b"task 1")).standard_normal((16, wan_cfg.text_dim))
   np.testing.assert_array_equal(cond["context"][1], ref.astype(np.float32))
+
+
+def test_csv_conditions_match_what_sft_trained_on(tmp_path):
+  """The demo's GRPO conditioning: training rows only, frame 0 at the clip size encodes to the first
+  latent of the whole-clip encoding (SFT's clean history), the caption's synthetic text of SFT."""
+  import zlib
+
+  from eva_jax.data import toyworld
+  from eva_jax.data.metadata import load_records
+  from eva_jax.data.video import read_video
+  from eva_jax.models.wan import wan_config
+  from eva_jax.parallel import make_mesh
+  from eva_jax.training.sft import Conditioner
+  from configs import sft as sft_config
+
+  toyworld.generate_dataset(tmp_path, 4, seed=0, size=32, n_frames=5, val_fraction=0.25)
+  c = grpo_config.get_config("tiny")
+  c.data.update(dict(kind="csv", data_root=str(tmp_path), metadata_path=toyworld.CSV_NAME,
+                     num_conditions=3))
+  mesh = make_mesh({"data": -1})
+  gdef, state = grpo.build_vae(c, mesh)
+  wan_cfg = wan_config("tiny-i2v")
+  first, cond = grpo.csv_conditions(c, wan_cfg, gdef, state)
+  assert first.shape == (3, 1, 4, 4, 16)
+
+  rows = load_records(tmp_path, toyworld.CSV_NAME, "training")
+  assert len(rows) == 3 and all(r["split"] == "training" for r in rows)   # the validation row is left out
+  clips = np.stack([read_video(tmp_path / r["video_path"])[0] for r in rows])   # [3, 5, 32, 32, 3]
+  video = jnp.asarray(clips, jnp.float32) / 127.5 - 1.0
+  latents = np.asarray(jax.jit(lambda st, v: nnx.merge(gdef, st).encode(v))(state, video))  # [3, 2, 4, 4, 16]
+  np.testing.assert_allclose(first, latents[:, :1], rtol=1e-4, atol=1e-5)
+  assert not np.allclose(first[0], first[1])
+
+  # SFT's text stand-in for the same rows (configs/sft.py:tiny: 'synthetic', 16 tokens).
+  s = sft_config.get_config("tiny")
+  assert (s.text.source, s.data.max_text_tokens) == (c.data.text_source, c.data.text_tokens) == ("synthetic", 16)
+  ids = np.array([zlib.crc32(r["caption"].encode()) for r in rows], np.int64)
+  s.data.load_video_latent = True   # latents given: the conditioner builds no VAE
+  want = Conditioner(s, wan_cfg, mesh)({"latents": latents, "caption_id": ids})["prompt_embeds"]
+  np.testing.assert_array_equal(cond["context"], want)
+  np.testing.assert_array_equal(cond["clip_fea"], 0.0)
