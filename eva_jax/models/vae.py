@@ -12,6 +12,11 @@ chunk to chunk (vae_layers.py). The first chunk runs on its own, the rest in a `
 activation memory is that of one chunk, not of the clip; inside a chunk the full-resolution layers
 (which do no temporal resampling, so any chunking is exact) run one frame at a time. `encode`/`decode` are pure functions of
 the parameters and jit (`nnx.jit`) with the batch sharded over ('data', 'fsdp').
+
+Training (eva_jax.training.vae) calls `encode_posterior(video, stream=False)` and
+`decode(z, stream=False)`: frame 0, then all later frames as one chunk, no scans. That is the same
+function; it holds the whole clip's activations, and on CPU it differentiates several times faster
+(XLA:CPU runs weight-gradient convolutions inside a loop body ~25x slower than outside one).
 """
 
 from __future__ import annotations
@@ -137,6 +142,11 @@ def _frame_by_frame(step, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]
   return _merge_time(first, rest), cache
 
 
+def _whole(step, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+  """`_frame_by_frame` without the scan: the same function, activations of every frame at once."""
+  return step(x, cache)
+
+
 class Encoder3d(nnx.Module):
   """[B, t, H, W, 3] chunk -> [B, t', H/8, W/8, 2 z_dim] (conv_in, down_blocks, mid_block, head)."""
 
@@ -169,10 +179,10 @@ class Encoder3d(nnx.Module):
     x, c_blocks = _stream([self.down_blocks[j] for j in range(self.n_per_frame)], x, c_blocks)
     return x, (c_in, c_blocks)
 
-  def __call__(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+  def __call__(self, x: jax.Array, cache: Cache, stream: bool = True) -> tuple[jax.Array, Cache]:
     c_pre, c_blocks, c_mid, c_out = (None,) * 4 if cache is None else cache
-    # Full-resolution layers one frame at a time: peak memory of one frame, not of the chunk.
-    x, c_pre = _frame_by_frame(self._per_frame, x, c_pre)
+    # Full-resolution layers one frame at a time (stream): peak memory of one frame, not of the chunk.
+    x, c_pre = (_frame_by_frame if stream else _whole)(self._per_frame, x, c_pre)
     rest = [self.down_blocks[j] for j in range(self.n_per_frame, len(self.down_blocks))]
     x, c_blocks = _stream(rest, x, c_blocks)
     x, c_mid = self.mid_block(x, c_mid)
@@ -233,13 +243,13 @@ class Decoder3d(nnx.Module):
     x, c_out = self.conv_out.causal(jax.nn.silu(self.norm_out(x)), c_out)
     return x, (c_up, c_out)
 
-  def __call__(self, x: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+  def __call__(self, x: jax.Array, cache: Cache, stream: bool = True) -> tuple[jax.Array, Cache]:
     c_in, c_mid, c_up, c_post = (None,) * 4 if cache is None else cache
     x, c_in = self.conv_in.causal(x, c_in)
     x, c_mid = self.mid_block(x, c_mid)
     x, c_up = _stream([self.up_blocks[i] for i in range(self.n_chunked)], x, c_up)
-    # Full-resolution layers one frame at a time: peak memory of one frame, not of the 4-frame chunk.
-    x, c_post = _frame_by_frame(self._per_frame, x, c_post)
+    # Full-resolution layers one frame at a time (stream): peak memory of one frame, not of the chunk.
+    x, c_post = (_frame_by_frame if stream else _whole)(self._per_frame, x, c_post)
     return x, (c_in, c_mid, c_up, c_post)
 
 
@@ -272,45 +282,78 @@ class WanVAE(nnx.Module):
     std = jnp.asarray(self.cfg.latents_std, jnp.float32)
     return mean, std
 
-  def encode(self, video: jax.Array) -> jax.Array:
-    """[B, 1 + 4k, H, W, 3] in [-1, 1] -> normalised posterior mean [B, 1 + k, H/8, W/8, z_dim] (float32)."""
+  def _moments(self, video: jax.Array, stream: bool) -> jax.Array:
+    """[B, 1 + 4k, H, W, 3] -> the posterior's raw [mu, logvar] [B, 1 + k, H/8, W/8, 2 z_dim] (float32)."""
     self._check_video(video)
     b, t = video.shape[:2]
     ts = self.cfg.temporal_stride
     x = constrain(video, ("act_batch", None, None, None, None))
-    mean, std = self._stats()
 
     def step(chunk, cache):
-      h, cache = self.encoder(chunk, cache)
-      mu = self.quant_conv(h)[..., :self.cfg.z_dim].astype(jnp.float32)
-      return (mu - mean) / std, cache
+      h, cache = self.encoder(chunk, cache, stream)
+      return self.quant_conv(h).astype(jnp.float32), cache
 
-    # The reference's chunks: [frame 0], [1..ts], [ts+1..2ts], ...
-    z0, cache = step(x[:, :1], None)
-    rest = None
-    if t > 1:
-      chunks = x[:, 1:].reshape((b, (t - 1) // ts, ts) + x.shape[2:])
-      rest, _ = _scan_chunks(step, cache, jnp.moveaxis(chunks, 1, 0))
-    return constrain(_merge_time(z0, rest), ("act_batch", None, None, None, None))
+    # The reference's chunks: [frame 0], [1..ts], [ts+1..2ts], ... Without `stream`, frames 1.. form
+    # one chunk: every layer sees the same inputs (the temporal downsamplers' stride-2 windows tile
+    # the clip the same way), so the result is the same function with the whole clip's activations.
+    m0, cache = step(x[:, :1], None)
+    if t == 1:
+      return m0
+    if not stream:
+      return jnp.concatenate([m0, step(x[:, 1:], cache)[0]], axis=1)
+    chunks = x[:, 1:].reshape((b, (t - 1) // ts, ts) + x.shape[2:])
+    rest, _ = _scan_chunks(step, cache, jnp.moveaxis(chunks, 1, 0))
+    return _merge_time(m0, rest)
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """Normalised latents [B, F, h, w, z_dim] -> video [B, 1 + 4(F-1), 8h, 8w, 3] clipped to [-1, 1]."""
+  def encode(self, video: jax.Array, *, stream: bool = True) -> jax.Array:
+    """[B, 1 + 4k, H, W, 3] in [-1, 1] -> normalised posterior mean [B, 1 + k, H/8, W/8, z_dim] (float32).
+
+    stream: the reference's chunk-by-chunk pass (activation memory of one chunk). False runs frames
+    1.. as one chunk without scans: the same function (to rounding), several times faster to
+    differentiate on CPU, memory growing with the clip; the VAE trainer uses it on short clips.
+    """
+    mean, std = self._stats()
+    mu = self._moments(video, stream)[..., :self.cfg.z_dim]
+    return constrain((mu - mean) / std, ("act_batch", None, None, None, None))
+
+  def encode_posterior(self, video: jax.Array, *, stream: bool = True) -> tuple[jax.Array, jax.Array]:
+    """The diagonal Gaussian posterior in the normalised latent space: (mean, logvar), each
+    [B, 1 + k, H/8, W/8, z_dim] float32. mean == encode(video); logvar is Wan's, clipped to [-30, 20]
+    as the reference does, then shifted by -2 log(latents_std)."""
+    mean, std = self._stats()
+    moments = self._moments(video, stream)
+    mu, logvar = moments[..., :self.cfg.z_dim], moments[..., self.cfg.z_dim:]
+    logvar = jnp.clip(logvar, -30.0, 20.0) - 2.0 * jnp.log(std)
+    names = ("act_batch", None, None, None, None)
+    return constrain((mu - mean) / std, names), constrain(logvar, names)
+
+  def decode(self, z: jax.Array, *, stream: bool = True, clip: bool = True) -> jax.Array:
+    """Normalised latents [B, F, h, w, z_dim] -> video [B, 1 + 4(F-1), 8h, 8w, 3] clipped to [-1, 1].
+
+    stream: one latent frame at a time (the reference); False: latent frames 1.. in one pass
+    (the same function to rounding, see `encode`). clip=False skips the final clamp to [-1, 1], so
+    that a training loss still has a gradient where the output overshoots.
+    """
     if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
       raise ValueError(f"WanVAE.decode: expected latents [B, F, h, w, {self.cfg.z_dim}], got {tuple(z.shape)}")
     mean, std = self._stats()
     z = constrain(z, ("act_batch", None, None, None, None))
     x = self.post_quant_conv(z.astype(jnp.float32) * std + mean)  # [B, F, h, w, z_dim]
 
-    def step(frame, cache):
-      y, cache = self.decoder(frame, cache)
-      return jnp.clip(y.astype(jnp.float32), -1.0, 1.0), cache
+    def step(frames, cache):
+      y, cache = self.decoder(frames, cache, stream)
+      y = y.astype(jnp.float32)
+      return (jnp.clip(y, -1.0, 1.0) if clip else y), cache
 
-    # One latent frame at a time: frame 0 -> 1 video frame, every later one -> temporal_stride frames.
+    # Frame 0 -> 1 video frame, every later latent frame -> temporal_stride frames.
     v0, cache = step(x[:, :1], None)
-    rest = None
-    if x.shape[1] > 1:
+    out = v0
+    if x.shape[1] > 1 and not stream:
+      out = jnp.concatenate([v0, step(x[:, 1:], cache)[0]], axis=1)
+    elif x.shape[1] > 1:
       rest, _ = _scan_chunks(step, cache, jnp.moveaxis(x[:, 1:, None], 1, 0))
-    return constrain(_merge_time(v0, rest), ("act_batch", None, None, None, None))
+      out = _merge_time(v0, rest)
+    return constrain(out, ("act_batch", None, None, None, None))
 
 
 # MARK: loading
