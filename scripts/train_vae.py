@@ -1,0 +1,34 @@
+"""Trains (or fine-tunes) the Wan 2.1 VAE on the videos of a metadata CSV.
+
+  python -m convert --kind vae --src Wan2.1_VAE.pth --out ckpt/vae
+  python scripts/train_vae.py --config=configs/vae.py --config.data.data_root=$WORKSPACE/RoboTwin/data \
+      --config.init.path=ckpt/vae
+  python scripts/train_vae.py --config=configs/vae.py:tiny --config.data.data_root=<toy data> --workdir=outputs/vae_tiny
+
+Results go to --workdir (default: a fresh outputs/<date>/<time>/): config.json, metrics.jsonl,
+tensorboard/, checkpoints/ (+ best/ by val_mse). Rerun with the same --workdir to resume. SFT and
+GRPO read the run directory as --config.vae.checkpoint=<workdir>.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  (repo root on sys.path)
+from _common import config_flag, run
+from absl import flags
+
+_CONFIG = config_flag("configs/vae.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
+
+
+def main(argv):
+  del argv
+  from eva_jax.training import vae
+  from eva_jax.utils.rundir import make_run_dir
+  workdir = _WORKDIR.value or make_run_dir("outputs")
+  print(f"train_vae: writing to {workdir}")
+  metrics = vae.train_and_evaluate(_CONFIG.value, workdir)
+  print({k: round(v, 5) for k, v in metrics.items()})
+
+
+if __name__ == "__main__":
+  run(main)
