@@ -25,14 +25,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.short = arg.short
 
   # Toy data (eva_jax.data.toyworld.generate_dataset): 64 px, 33 frames (1 + 4·8) at 16 fps.
+  # idm_episodes: more episodes of the same world (HDF5 only) for the IDM, which needs many poses to
+  # beat the constant predictor on held-out episodes (the world model's episodes alone are too few).
   c.data = ml_collections.ConfigDict(dict(
-      num_episodes=96, size=64, n_frames=33, smooth_fraction=0.5, val_fraction=0.125))
+      num_episodes=96, size=64, n_frames=33, smooth_fraction=0.5, val_fraction=0.125,
+      idm_episodes=384))
 
   # Stage sizes: steps and batch sizes handed to each trainer's tiny config.
   c.vae = ml_collections.ConfigDict(dict(num_steps=300, batch_size=8, learning_rate=1e-3))
-  # image_size: the IDM's input resize; its stride-32 trunk keeps a 4×4 map at 128 px (2×2 at 64).
-  c.idm = ml_collections.ConfigDict(dict(num_steps=600, batch_size=32, learning_rate=1e-3,
-                                         image_size=128))
+  # image_size: the IDM's input resize (configs/idm.py:tiny: two stages, a 4×4 map at 32 px).
+  c.idm = ml_collections.ConfigDict(dict(num_steps=3000, batch_size=32, learning_rate=3e-3,
+                                         image_size=32))
   c.sft = ml_collections.ConfigDict(dict(num_steps=400, batch_size=8, learning_rate=1e-3))
   # num_conditions: first frames (training rows of the toy CSV) cycled num_prompts per iteration; a
   # divisor of num_prompts · num_iterations / 4 gives the reward curve's first and last quarters the
@@ -46,9 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The CI-sized run (tests/test_demo.py): same stages, a few steps each, tiny frames. Batches stay
   # multiples of 8 so they split over the 8 fake CPU devices of the test suite.
   c.shortened = ml_collections.ConfigDict(dict(
-      data=dict(num_episodes=32, size=32, n_frames=17, val_fraction=0.125),
+      data=dict(num_episodes=32, size=32, n_frames=17, val_fraction=0.125, idm_episodes=960),
       vae=dict(num_steps=10, batch_size=8),
-      idm=dict(num_steps=150, batch_size=8, image_size=128, learning_rate=3e-3),
+      idm=dict(num_steps=1500, batch_size=32),
       sft=dict(num_steps=10, batch_size=8),
       grpo=dict(num_iterations=4, group_size=4, num_prompts=2, num_sampling_steps=4,
                 num_conditions=2),

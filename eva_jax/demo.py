@@ -1,7 +1,8 @@
 """The built-in end-to-end EVA demo on the procedural toy world: `run_demo(config, workdir)`.
 
 Stages, each one the real library entry point with its tiny config (configs/demo.py sizes them):
-  1. data    eva_jax.data.toyworld.generate_dataset: a RoboTwin data root + robotwin_videos.csv
+  1. data    eva_jax.data.toyworld.generate_dataset: a RoboTwin data root + robotwin_videos.csv, and
+             more episodes (HDF5 only) as the IDM's training corpus
   2. vae     eva_jax.training.vae.train_and_evaluate (configs/vae.py:tiny): the tiny Wan VAE fitted
              to the toy frames (no pretrained VAE ships), then used by sft and grpo
   3. idm     eva_jax.training.idm.train_and_evaluate (configs/idm.py:tiny); joint MAE vs a constant
@@ -64,6 +65,11 @@ class DemoContext:
   @property
   def data_root(self) -> Path:
     return self.workdir / "data"
+
+  @property
+  def idm_data_root(self) -> Path:
+    """The IDM's extra episodes (HDF5 only): config.data.idm_episodes more of the same world."""
+    return self.workdir / "data_idm"
 
   def stage_dir(self, name: str) -> Path:
     return self.workdir / name
@@ -149,9 +155,19 @@ def stage_data(ctx: DemoContext) -> StageResult:
     if (kinds == k).any():
       metrics[f"true_reward_{k}"] = float(rewards[kinds == k].mean())
   outputs = {"summary": summary, "joints": joints, "frames": np.stack(frames), "smooth": smooth,
-             "kinds": kinds, "rewards": rewards}
-  return StageResult("data", "done", f"{len(smooth)} episodes under {ctx.data_root}", metrics=metrics,
-                     outputs=outputs)
+             "kinds": kinds, "rewards": rewards, "idm_summary": None}
+  detail = f"{len(smooth)} episodes under {ctx.data_root}"
+  if c.idm_episodes:
+    # The IDM's corpus: more episodes of the same world (continuing the seed's stream, HDF5 only), as
+    # EVA's IDM learns from many robot trajectories. The world model's few episodes alone leave the
+    # IDM overfitting (held-out MAE near the constant predictor's); see docs/demo.md.
+    outputs["idm_summary"] = toyworld.generate_dataset(
+        ctx.idm_data_root, c.idm_episodes, seed=ctx.config.seed, size=c.size, n_frames=c.n_frames,
+        smooth_fraction=c.smooth_fraction, val_fraction=c.val_fraction, write_videos=False,
+        first_index=c.num_episodes)
+    metrics["num_idm_episodes"] = c.idm_episodes
+    detail += f", {c.idm_episodes} more for the IDM under {ctx.idm_data_root}"
+  return StageResult("data", "done", detail, metrics=metrics, outputs=outputs)
 
 
 def constant_predictor_mae(train_joints: np.ndarray, eval_joints: np.ndarray) -> np.ndarray:
@@ -244,27 +260,32 @@ def stage_vae(ctx: DemoContext) -> StageResult:
 
 def stage_idm(ctx: DemoContext) -> StageResult:
   trainer = _require("eva_jax.training.idm", "train_and_evaluate")
-  from eva_jax.data import idm_dataset
+  from eva_jax.data import idm_dataset, robotwin
 
   cfg = _override(_stage_config("idm"), _idm_overrides(ctx), "configs/idm.py:tiny")
-  # The IDM trains and validates on the toy data's own split, so the MAE below is held out.
+  # The IDM trains and validates on the toy data's own splits (the world model's episodes and the
+  # IDM corpus), so the MAE below is held out. The world model's validation episodes come first.
   data = ctx.results["data"].outputs
-  val = np.array([ep["split"] == "validation" for ep in data["summary"]["episodes"]])
-  paths = [str(ctx.data_root / ep["hdf5"]) for ep in data["summary"]["episodes"]]
-  idm_dataset.build_idm_dataset({"train": [p for p, v in zip(paths, val) if not v],
-                                 "val": [p for p, v in zip(paths, val) if v]},
-                                cfg.data.tfds_dir, seed=ctx.config.seed)
+  splits = {"train": [], "val": []}
+  for root, summary in ((ctx.data_root, data["summary"]), (ctx.idm_data_root, data["idm_summary"])):
+    for ep in (summary or {}).get("episodes", []):
+      splits["val" if ep["split"] == "validation" else "train"].append(str(root / ep["hdf5"]))
+  idm_dataset.build_idm_dataset(splits, cfg.data.tfds_dir, seed=ctx.config.seed)
   trainer.train_and_evaluate(cfg, str(ctx.stage_dir("idm")))
-  # Joint MAE on the validation episodes, against the constant (training-mean) predictor.
-  pred = _idm_predict(ctx, cfg, data["frames"][val])  # [Nv, T, 14]
-  true = data["joints"][val]
+  # Joint MAE on every held-out episode, against the constant (training-mean) predictor.
+  held_out = [robotwin.read_episode(p) for p in splits["val"]]
+  frames = np.stack([f for f, _ in held_out])  # [Nv, T, H, W, 3]
+  true = np.stack([a for _, a in held_out])    # [Nv, T, 14]
+  pred = _idm_predict(ctx, cfg, frames)
   mae = np.abs(pred - true).reshape(-1, 14).mean(0)
-  const = constant_predictor_mae(data["joints"][~val], true)
+  train_joints = np.concatenate([robotwin.read_jpeg_bytes(p)[1] for p in splits["train"]])
+  const = constant_predictor_mae(train_joints, true)
   metrics = {"val_joint_mae": float(mae.mean()), "constant_predictor_mae": float(const.mean()),
+             "val_episodes": len(splits["val"]), "train_episodes": len(splits["train"]),
              "per_joint_mae": [float(x) for x in mae],
              "per_joint_constant_mae": [float(x) for x in const]}
   return StageResult("idm", "done", "IDM trained on the toy episodes", metrics=metrics,
-                     outputs={"pred": pred, "true": true, "val_frames": data["frames"][val]})
+                     outputs={"pred": pred, "true": true, "val_frames": frames})
 
 
 def _idm_predict(ctx: DemoContext, cfg, frames: np.ndarray) -> np.ndarray:

@@ -150,3 +150,22 @@ def test_generate_dataset_rejects_bad_sizes(tmp_path):
     tw.generate_dataset(tmp_path, 1, seed=0, size=40)
   with pytest.raises(ValueError, match="n_frames"):
     tw.generate_dataset(tmp_path, 1, seed=0, size=32, n_frames=3)
+
+
+def test_generate_dataset_first_index_continues_the_seed_stream(tmp_path):
+  """A second root with first_index=n holds episodes n, n+1, ... of the seed (the demo's IDM corpus)."""
+  kw = dict(seed=3, size=32, n_frames=5, write_videos=False)
+  a = tw.generate_dataset(tmp_path / "a", 4, **kw)
+  b = tw.generate_dataset(tmp_path / "b", 2, first_index=4, **kw)
+  c = tw.generate_dataset(tmp_path / "c", 6, **kw)
+  assert [e["index"] for e in b["episodes"]] == [4, 5]
+  assert [e["hdf5"].rsplit("/", 1)[1] for e in b["episodes"]] == ["episode4.hdf5", "episode5.hdf5"]
+  # Episode i draws from rng([seed, i]) wherever it is written: the captions of c's episodes 4, 5.
+  assert [e["caption"] for e in b["episodes"]] == [e["caption"] for e in c["episodes"][4:]]
+  # Kinds and splits follow the position in the root, as for any 2-episode root.
+  two = tw.generate_dataset(tmp_path / "d", 2, **kw)
+  assert [(e["kind"], e["split"]) for e in b["episodes"]] == [(e["kind"], e["split"]) for e in two["episodes"]]
+  # New episodes: none of b's trajectories is one of a's.
+  ja = [a_ for _, a_ in _read_all(tmp_path / "a", a)]
+  for _, jb in _read_all(tmp_path / "b", b):
+    assert all(not np.allclose(jb, x) for x in ja)

@@ -322,7 +322,8 @@ def episode_paths(root: str | Path, index: int) -> dict[str, Path]:
 
 def generate_dataset(root: str | Path, num_episodes: int, *, seed: int, size: int = 64,
                      n_frames: int = 33, smooth_fraction: float = 0.5, fps: int = FPS,
-                     val_fraction: float = 0.1, write_videos: bool = True) -> dict[str, Any]:
+                     val_fraction: float = 0.1, write_videos: bool = True,
+                     first_index: int = 0) -> dict[str, Any]:
   """Writes `num_episodes` toy episodes as a RoboTwin data root with the EVA CSV.
 
   Deterministic for a seed: episode i draws from `np.random.default_rng([seed, i])`, so the same
@@ -339,6 +340,9 @@ def generate_dataset(root: str | Path, num_episodes: int, *, seed: int, size: in
     val_fraction: the last ceil(val_fraction·num_episodes) episodes get split 'validation' (the
       split names of eva_jax.data.metadata); the others 'training'.
     write_videos: also write mp4s (the CSV then points at them).
+    first_index: the episodes are first_index, first_index + 1, ... of the seed's stream (file names
+      and random streams), so a second root continues the first with new episodes (the demo's IDM
+      corpus). Kinds and splits follow the position in this root.
 
   Returns:
     the summary dict (also saved as <root>/toyworld.json).
@@ -355,13 +359,14 @@ def generate_dataset(root: str | Path, num_episodes: int, *, seed: int, size: in
   n_val = int(np.ceil(val_fraction * num_episodes)) if num_episodes > 1 and val_fraction > 0 else 0
   episodes, rows = [], []
   for i in range(num_episodes):
-    rng = np.random.default_rng([seed, i])
+    index = first_index + i
+    rng = np.random.default_rng([seed, index])
     # Smooth and non-smooth episodes interleave so every split holds both.
     kind = "smooth" if _is_smooth(i, num_episodes, n_smooth) else KINDS[1 + i % 3]
     motif = _sample_motif(rng)
     joints = make_trajectory(rng, kind, motif, n_frames, fps).astype(np.float32)  # [T, 14]
     frames = render(joints, size)  # [T, S, S, 3]
-    paths = episode_paths(root, i)
+    paths = episode_paths(root, index)
     for p in paths.values():
       p.parent.mkdir(parents=True, exist_ok=True)
     robotwin.write_episode(str(paths["hdf5"]), frames, joints, camera="head_camera")
@@ -370,7 +375,7 @@ def generate_dataset(root: str | Path, num_episodes: int, *, seed: int, size: in
     paths["instructions"].write_text(json.dumps({"seen": [motif.caption], "unseen": []}, indent=1))
     split = "validation" if i >= num_episodes - n_val else "training"
     rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
-    episodes.append({"index": i, "kind": kind, "smooth": kind == "smooth", "caption": motif.caption,
+    episodes.append({"index": index, "kind": kind, "smooth": kind == "smooth", "caption": motif.caption,
                      "split": split, "hdf5": rel(paths["hdf5"]),
                      "video": rel(paths["video"]) if write_videos else None})
     if write_videos:

@@ -224,13 +224,16 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 # MARK: model, data and checkpoints
 
 def model_config(config) -> idm_lib.IDMConfig:
-  """config.model -> IDMConfig (a preset, its image size and dtypes; blocks/width override when set)."""
+  """config.model -> IDMConfig (a preset, its image size and dtypes; blocks/width/mlp_dims override
+  the preset's when set)."""
   m = config.model
   overrides = dict(image_size=tuple(m.image_size), dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
   if m.get("blocks"):
     overrides["blocks"] = tuple(m.blocks)
   if m.get("width"):
     overrides["width"] = int(m.width)
+  if m.get("mlp_dims"):
+    overrides["mlp_dims"] = tuple(int(d) for d in m.mlp_dims)
   return idm_lib.idm_config(m.preset, **overrides)
 
 
