@@ -32,7 +32,7 @@ def _config(root, **train) -> ml_collections.ConfigDict:
   c.data.update(dict(data_root=str(root), metadata_path=toyworld.CSV_NAME, height=32, width=32, n_frames=9,
                      train_frames=9, crop_size=16))
   c.train.update(dict(batch_size=8, num_steps=30, log_every=10, checkpoint_every=15))
-  c.optim.warmup_steps = 2
+  c.optim.update(dict(learning_rate=2e-3, warmup_steps=2))
   c.train.update(train)
   c.eval.update(dict(every=30, num_batches=1))
   return c
@@ -52,15 +52,13 @@ def test_whole_clip_passes_equal_the_streaming_ones(tmp_path):
   def run(state, video):
     vae = nnx.merge(gdef, state)
     z = vae.encode(video)                                  # the reference's chunks, scanned
-    mean, logvar = vae.encode_posterior(video, stream=False)
-    return (z, mean, logvar, vae._moments(video, True), vae.decode(z),
-            vae.decode(z, stream=False), vae.decode(z, stream=False, clip=False))
+    return (z, vae.encode_posterior(video, stream=False), vae._moments(video, False), vae.decode(z),
+            vae.decode(z, stream=False, clip=False))
 
-  z, mean, logvar, moments, y, y_whole, raw = run(state, video)
+  z, (mean, logvar), moments, y, raw = run(state, video)
   assert mean.shape == logvar.shape == (1, 3, 2, 2, 16)
   assert _rel(mean, z) < 1e-5
-  assert _rel(y_whole, y) < 1e-5
-  np.testing.assert_allclose(np.clip(raw, -1, 1), y, atol=1e-5)
+  assert _rel(np.clip(raw, -1, 1), y) < 1e-5  # the whole-clip decode, clamped, is the streaming one
   # logvar is Wan's clipped log-variance moved into the normalised space: -2 log(std) per channel
   want = np.clip(moments[..., 16:], -30, 20) - 2 * np.log(np.asarray(vae_config("tiny").latents_std))
   np.testing.assert_allclose(logvar, want, rtol=1e-5, atol=1e-5)
@@ -131,12 +129,9 @@ def test_checkpoint_loads_through_sft_and_grpo(full_run, data_root):
   from eva_jax.training import grpo, sft
 
   workdir, out = full_run
-  trainer = _trainer(_config(data_root))
-  video = next(iter(train_vae._dataset(_config(data_root), "validation", 8)))["video"]
-  n = len(video)
-  video = np.concatenate([video, np.repeat(video[:1], 8 - n, axis=0)])  # the batch of 8 devices
+  c = _config(data_root)
+  trainer = _trainer(c)
   trained = _state(workdir, 30)["params"]
-  want, _ = trainer.reconstruct(trained, trainer.global_batch(video))
   # SFT's Conditioner.vae(): restore_tree(vae.checkpoint = the run dir), its 'params', into WanVAE('tiny')
   tree = sft.restore_tree(str(workdir))
   params = next(tree[k] for k in ("params", "model") if k in tree)
@@ -144,11 +139,9 @@ def test_checkpoint_loads_through_sft_and_grpo(full_run, data_root):
   nnx.replace_by_pure_dict(state, params)
   for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # its encode -> decode (the compiled streaming passes, fed the loaded WanVAE's state) reproduces
-  # the trained reconstruction and the run's val_mse
-  got, _ = trainer.reconstruct(nnx.to_pure_dict(state), trainer.global_batch(video))
-  assert _rel(got, want) < 1e-6
-  np.testing.assert_allclose(np.square(np.asarray(got) - video)[:n].mean(), out["val_mse"], rtol=1e-4)
+  # the loaded WanVAE's encode -> decode (the streaming passes) gives back the run's validation metrics
+  val = train_vae.evaluate(c, trainer, nnx.to_pure_dict(state))
+  assert val == {k: out[k] for k in val}
   # GRPO's build_vae: _pick(_restore_any(path), ('params', 'model')) then load_pure_into
   pure = grpo._pick(grpo._restore_any(str(workdir)), ("params", "model"), "VAE", str(workdir))
   _, gstate = abstract_vae(vae_config("tiny"))

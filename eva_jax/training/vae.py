@@ -169,16 +169,22 @@ class VAETrainer:
                                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
     return self._fns["train"](state, video)
 
-  def reconstruct(self, params, video: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(decode(encode(video)), latents) with the streaming passes SFT and GRPO use."""
-    if "recon" not in self._fns:
-      def recon(p, v):
+  def eval_sums(self, params, video: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Reconstruction errors summed over the clips where mask [B] is 1, with the streaming
+    encode/decode that SFT and GRPO run: {'sq', 'abs' (per-clip means), 'z_sq', 'z_n', 'n'}."""
+    if "eval" not in self._fns:
+      def sums(p, v, m):
         vae = self.merge(p)
-        z = vae.encode(v)
-        return vae.decode(z), z
-      self._fns["recon"] = jax.jit(recon, in_shardings=(self.param_shardings, self.batch_sharding),
-                                   out_shardings=(self.batch_sharding, self.batch_sharding))
-    return self._fns["recon"](params, video)
+        z = vae.encode(v)                                     # [B, F, h, w, z]
+        d = vae.decode(z) - v                                 # [B, T, H, W, 3]
+        per_clip = lambda x: x.reshape(x.shape[0], -1).mean(1)  # noqa: E731
+        return {"sq": jnp.sum(m * per_clip(jnp.square(d))), "abs": jnp.sum(m * per_clip(jnp.abs(d))),
+                "z_sq": jnp.sum(m * jnp.square(z).reshape(z.shape[0], -1).sum(1)),
+                "z_n": jnp.sum(m) * math.prod(z.shape[1:]), "n": jnp.sum(m)}
+      mask_sharding = parallel.named_sharding(self.mesh, ("act_batch",))
+      self._fns["eval"] = jax.jit(sums, in_shardings=(self.param_shardings, self.batch_sharding, mask_sharding),
+                                  out_shardings=self.replicated)
+    return self._fns["eval"](params, video, mask)
 
   def global_batch(self, local: np.ndarray) -> jax.Array:
     """This host's rows -> a global array split over the batch axes."""
@@ -224,7 +230,8 @@ def _dataset(config, split: str, batch_size: int):
   train = split == "training"
   records = metadata.load_records(d.data_root, d.metadata_path, split, d.test_percentage, dict(d.filtering))
   fields = d.to_dict()
-  fields.update(n_frames=int(d.train_frames or d.n_frames) if train else int(d.n_frames),
+  window = min(int(d.train_frames or d.n_frames), int(d.n_frames))  # never longer than the clips SFT sees
+  fields.update(n_frames=window if train else int(d.n_frames),
                 load_prompt_embed=False, load_video_latent=False, load_clip_embed=False, decode_video=True)
   loader = video_dataset.ExampleLoader(d.data_root, fields, train=train)
   return video_dataset.make_dataset(records, loader, batch_size, seed=config.seed, train=train,
@@ -235,27 +242,27 @@ def evaluate(config, trainer: VAETrainer, params) -> dict[str, float]:
   """Reconstruction of eval.num_batches validation batches (whole clips, full size, streaming):
   val_mse / val_l1 on [-1, 1] pixels, val_psnr (dB), val_latent_std (of the normalised latents)."""
   e = config.eval
-  sq, ab, z_sq, z_n, n = 0.0, 0.0, 0.0, 0, 0
+  per_host = e.batch_size // jax.process_count()
+  totals: dict[str, float] = {}
   for i, batch in enumerate(_dataset(config, "validation", e.batch_size)):
     if i >= e.num_batches:
       break
     video = batch["video"]
     k = len(video)
-    if k < e.batch_size:  # the compiled shape: pad by repetition, count the real clips only
-      video = np.concatenate([video, np.repeat(video[:1], e.batch_size - k, axis=0)])
-    recon, z = trainer.reconstruct(params, trainer.global_batch(video))
-    recon, z = np.asarray(jax.device_get(recon))[:k], np.asarray(jax.device_get(z))[:k]
-    d = recon - video[:k]
-    sq += float(np.square(d).mean(axis=(1, 2, 3, 4)).sum())
-    ab += float(np.abs(d).mean(axis=(1, 2, 3, 4)).sum())
-    z_sq += float(np.square(z).sum())
-    z_n += z.size
-    n += k
-  if not n:
+    # the compiled shape: pad by repetition, count the real clips only
+    video = np.concatenate([video, np.repeat(video[:1], per_host - k, axis=0)])
+    mask = (np.arange(per_host) < k).astype(np.float32)
+    sums = trainer.eval_sums(params, trainer.global_batch(video),
+                             jax.make_array_from_process_local_data(
+                                 parallel.named_sharding(trainer.mesh, ("act_batch",)), mask))
+    for key, v in jax.device_get(sums).items():
+      totals[key] = totals.get(key, 0.0) + float(v)
+  if not totals.get("n"):
     raise ValueError(f"config.data: the validation split of {Path(config.data.data_root) / config.data.metadata_path} "
                      "gave no clips")
-  mse = sq / n
-  return {"val_mse": mse, "val_l1": ab / n, "val_psnr": psnr(mse), "val_latent_std": math.sqrt(z_sq / z_n)}
+  mse = totals["sq"] / totals["n"]
+  return {"val_mse": mse, "val_l1": totals["abs"] / totals["n"], "val_psnr": psnr(mse),
+          "val_latent_std": math.sqrt(totals["z_sq"] / totals["z_n"])}
 
 
 # MARK: initial weights
