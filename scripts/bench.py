@@ -108,6 +108,9 @@ def main(argv=None) -> int:
                       help="dit/dit-block: per-kernel device time from a profiler trace, optimised HLO to --out")
   parser.add_argument("--remat", default=None, choices=("none", "full", "dots", "offload"),
                       help="dit: the layer rematerialisation policy of the forward+backward (default full)")
+  parser.add_argument("--kv-multiple", type=int, default=None,
+                      help="cuDNN attention: pad key lengths to a multiple of this (default "
+                           "eva_jax.models.wan.attention.CUDNN_KV_MULTIPLE); the device check probes what is safe")
   parser.add_argument("--only", default=None,
                       help="--device-check: comma-separated steps to run (cudnn-attention, bf16-block, dit-block, "
                            "vae, dit, sampler)")
@@ -124,6 +127,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
+  if args.kv_multiple:
+    from eva_jax.models.wan import attention as wan_attention
+    wan_attention.CUDNN_KV_MULTIPLE = args.kv_multiple  # read when the models are traced
   from eva_jax.utils.rundir import make_run_dir
   out = pathlib.Path(args.out) if args.out else make_run_dir() / "bench"
   out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from convert.wan_dit import convert_dit_state_dict
 from eva_jax.models.wan import WanModel, wan_config
-from eva_jax.models.wan.attention import attention, chunked_attention, cudnn_attention
+from eva_jax.models.wan.attention import attention, chunked_attention, cudnn_attention, pad_kv
 from tests.utils import rel_err, to_numpy
 
 B, F, H, W = 2, 3, 4, 6           # latent [B, F, H, W, 16] -> 3 x 2 x 3 = 18 tokens
@@ -252,6 +252,18 @@ def test_cudnn_padding_logic_via_xla():
   lengths = jnp.array([257, 100])
   ref = attention(q, k, v, backend="xla", kv_seq_lengths=lengths)
   assert rel_err(cudnn_attention(q, k, v, lengths, implementation="xla"), ref) <= 1e-6
+
+
+def test_cudnn_needs_no_padding_or_mask_at_a_multiple():
+  """Keys at a multiple of the cuDNN key multiple run unpadded and unmasked; other lengths are padded."""
+  q, k, v = _qkv(lq=12, lk=128)
+  k2, v2, lengths = pad_kv(k, v, None)
+  assert lengths is None and k2.shape == k.shape
+  assert rel_err(cudnn_attention(q, k, v, implementation="xla"), attention(q, k, v, backend="xla")) <= 1e-6
+  k2, _, lengths = pad_kv(k[:, :120], v[:, :120], None)
+  assert k2.shape[1] == 128 and lengths.tolist() == [120, 120]
+  k2, _, lengths = pad_kv(k[:, :120], v[:, :120], None, multiple=8)
+  assert k2.shape[1] == 120 and lengths is None
 
 
 # MARK: configs

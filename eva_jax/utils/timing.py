@@ -15,8 +15,13 @@ def block(x):
   return jax.block_until_ready(x)
 
 
-def time_fn(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) -> dict:
-  """Median wall time of `fn(*args)`, after `warmup` calls (compilation excluded)."""
+def time_fn(fn: Callable, *args, warmup: int = 1, iters: int = 5, pipelined: bool = False, **kwargs) -> dict:
+  """Median wall time of `fn(*args)` over `iters` synchronised calls, after `warmup` calls (compilation excluded).
+
+  pipelined: also time `iters` calls queued back to back with one synchronisation at the end
+  ('pipelined_s', per call): the steady-state cost of a training or sampling loop, where dispatching the
+  next call overlaps the device work of the previous one. At most two outputs are alive at a time.
+  """
   for _ in range(warmup):
     block(fn(*args, **kwargs))
   times = []
@@ -24,10 +29,19 @@ def time_fn(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) -> d
     t0 = time.perf_counter()
     block(fn(*args, **kwargs))
     times.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(times), "times_s": times}
+  result = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+  if pipelined:
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(iters):
+      out = fn(*args, **kwargs)
+    block(out)
+    result["pipelined_s"] = (time.perf_counter() - t0) / iters
+  return result
 
 
-def time_torch(fn: Callable, *args, warmup: int = 1, iters: int = 5, grad: bool = False) -> dict:
+def time_torch(fn: Callable, *args, warmup: int = 1, iters: int = 5, grad: bool = False,
+               pipelined: bool = False) -> dict:
   """Same for a PyTorch callable (synchronises CUDA when present); under no_grad unless `grad`."""
   import contextlib
 
@@ -43,7 +57,14 @@ def time_torch(fn: Callable, *args, warmup: int = 1, iters: int = 5, grad: bool 
       fn(*args)
       sync()
       times.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(times), "times_s": times}
+    result = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+    if pipelined:
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        fn(*args)
+      sync()
+      result["pipelined_s"] = (time.perf_counter() - t0) / iters
+  return result
 
 
 def peak_rss_mb() -> float:

@@ -4,10 +4,15 @@ In order, cheapest first, each step isolated so one failure does not hide the re
   1. cuDNN flash attention forward and backward with padded keys (257 CLIP keys -> 320, masked by
      key_value_seq_lengths) against the float32 XLA kernel: relative errors of output and gradients.
   2. bf16 numerics: one i2v-14B-wide DiT block in bf16 vs float32 on the same weights and inputs.
-  3. dit-block at EVA's shape (15,600 tokens; forward, forward+backward, TFLOP/s; diffusers when CUDA torch exists).
-  4. vae at EVA's shape (49x480x640, encode/decode vs diffusers when CUDA torch exists).
-  5. dit: the 40-layer i2v-14B forward at EVA's shape.
-  6. sampler: a few guided steps of the 14B sampler at EVA's shape, extrapolated to 40 steps.
+  3. dit-block at EVA's shape (15,600 tokens; forward, forward+backward, TFLOP/s; diffusers when CUDA torch exists),
+     with keys padded to the default CUDNN_KV_MULTIPLE.
+  4. cudnn-lengths: which unpadded key lengths cuDNN's forward and backward accept (15,600 self-attention keys,
+     257/258/264/272 image keys), checked against float32; the largest safe multiple < the default is kept
+     for the steps after it (--kv-multiple to force one).
+  5. dit-block-kv: dit-block again at the probed multiple (15,600 keys unpadded and unmasked), no reference.
+  6. vae at EVA's shape (49x480x640, encode/decode vs diffusers when CUDA torch exists).
+  7. dit: the 40-layer i2v-14B forward at EVA's shape.
+  8. sampler: a few guided steps of the 14B sampler at EVA's shape, extrapolated to 40 steps.
 On CPU it runs the same steps at tiny sizes (a dry run of the script before a GPU slot).
 """
 
@@ -45,6 +50,48 @@ def check_cudnn_attention(on_gpu: bool) -> dict:
   out.update({f"grad_{n_}_rel_err": _rel(a, r) for n_, a, r in zip("qkv", g_fast, g_ref)})
   out["ok"] = max(v_ for k_, v_ in out.items() if k_.endswith("rel_err")) < 2e-2  # bf16 kernel vs fp32
   return out
+
+
+PROBE_KEY_LENGTHS = (15600, 257, 258, 264, 272, 512)
+
+
+def probe_cudnn_lengths(on_gpu: bool, candidates=(1, 2, 8, 16, 32)) -> dict:
+  """Runs unpadded, unmasked cuDNN attention forward + backward at each of PROBE_KEY_LENGTHS against float32 XLA.
+
+  Returns per-length results and `kv_multiple`: the smallest candidate m such that every probed length that
+  is a multiple of m passed (and at least one such length was probed), else None.
+  """
+  impl = "cudnn" if on_gpu else "xla"
+  n, d = (4, 128) if on_gpu else (2, 16)
+  lengths = PROBE_KEY_LENGTHS if on_gpu else (40, 17, 18, 24)
+  per_length = {}
+  for lk in lengths:
+    lq = lk if lk > 4096 else (1024 if on_gpu else 32)    # self-attention at 15,600; cross-attention otherwise
+    ks = jax.random.split(jax.random.key(lk), 3)
+    q = jax.random.normal(ks[0], (1, lq, n, d), jnp.float32)
+    k, v = (jax.random.normal(kk, (1, lk, n, d), jnp.float32) for kk in ks[1:])
+    fast = lambda q, k, v: jax.nn.dot_product_attention(
+        q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+        implementation=impl).astype(jnp.float32)
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * jnp.cos(jnp.arange(d))))
+    try:
+      out_err = _rel(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v))
+      g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
+      g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+      grad_err = max(_rel(a, r) for a, r in zip(g_fast, g_ref))
+      per_length[lk] = {"lq": lq, "fwd_rel_err": out_err, "grad_rel_err": grad_err,
+                        "ok": out_err < 2e-2 and grad_err < 2e-2}
+    except Exception as e:  # noqa: BLE001 - a refused length is the answer, not a failure
+      per_length[lk] = {"lq": lq, "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+  chosen = None
+  for m in candidates:
+    probed = [lk for lk in per_length if lk % m == 0]
+    if probed and all(per_length[lk]["ok"] for lk in probed):
+      chosen = m
+      break
+  return {"implementation": impl, "heads": n, "head_dim": d, "lengths": {str(k): v for k, v in per_length.items()},
+          "kv_multiple": chosen, "ok": chosen is not None}
 
 
 def check_bf16_block(on_gpu: bool) -> dict:
@@ -114,17 +161,44 @@ def run(args, save=lambda results: None) -> list[dict]:
     print(f"[device-check] {name}: {r.get('error', 'ok')} ({r['wall_s']:.1f} s, "
           f"{time.perf_counter() - start:.0f} s in)", flush=True)
 
+  from eva_jax.models.wan import attention as wan_attention
   profiled = copy.copy(args)
   profiled.profile = True  # per-kernel times and the optimised HLO: what to speed up next
+  profiled.iters = max(int(getattr(args, "iters", 3) or 3), 10) if on_gpu else 3  # spec: median of 10
+  model_args = profiled if not getattr(args, "remat", None) else copy.copy(args)
+  model_args = copy.copy(model_args)
+  model_args.iters = 5 if on_gpu else 3
   sampler_args = copy.copy(args)
   sampler_args.steps = 3 if on_gpu else 0  # a few steps on GPU; extrapolated per-video time in the result
   sampler_args.iters = 1
+  default_multiple = wan_attention.CUDNN_KV_MULTIPLE
+  forced = getattr(args, "kv_multiple", None)
+
+  def lengths_probe():
+    r = probe_cudnn_lengths(on_gpu)
+    use = forced or r["kv_multiple"]
+    if use:  # the steps after this one trace their models with it
+      wan_attention.CUDNN_KV_MULTIPLE = use
+    r["used_kv_multiple"] = wan_attention.CUDNN_KV_MULTIPLE
+    return r
+
+  def block_at_probed_multiple():
+    if wan_attention.CUDNN_KV_MULTIPLE == default_multiple:
+      return {"error": "skipped: the probe kept the default key multiple"}
+    unref = copy.copy(profiled)
+    unref.no_reference = True
+    if getattr(args, "out", None):  # its HLO next to, not over, the baseline's
+      unref.out = f"{args.out}/kv{wan_attention.CUDNN_KV_MULTIPLE}"
+    return {**run_one("dit-block", size, unref), "name": "dit-block-kv"}
+
   steps = {
       "cudnn-attention": lambda: check_cudnn_attention(on_gpu),
       "bf16-block": lambda: check_bf16_block(on_gpu),
       "dit-block": lambda: run_one("dit-block", size, profiled),
+      "cudnn-lengths": lengths_probe,
+      "dit-block-kv": block_at_probed_multiple,
       "vae": lambda: run_one("vae", size, copy.copy(args)),
-      "dit": lambda: run_one("dit", size, profiled if not getattr(args, "remat", None) else copy.copy(args)),
+      "dit": lambda: run_one("dit", size, model_args),
       "sampler": lambda: run_one("sampler", size, sampler_args),
   }
   only = [s.strip() for s in (getattr(args, "only", None) or "").split(",") if s.strip()]

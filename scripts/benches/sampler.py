@@ -20,7 +20,7 @@ from flax import nnx
 
 from eva_jax.diffusion.sampler import Conditioning, I2VSampler, SamplerConfig
 from eva_jax.models.vae import WanVAE, vae_config
-from eva_jax.models.wan import WanModel, wan_config
+from eva_jax.models.wan import WanModel, attention as wan_attention, wan_config
 from eva_jax.utils.timing import device_peak_memory_mb
 
 SIZES = {"tiny": (9, 32, 48), "eva": (49, 480, 640), "wan": (81, 480, 832)}
@@ -75,6 +75,7 @@ def run(size: str, args) -> dict:
   total = loop_s + decode_s
   return dict(
       video=f"{frames}x{height}x{width}", steps=steps, passes_per_step=3, dtype=dtype, dit=dit_cfg.num_layers,
+      cudnn_kv_multiple=wan_attention.CUDNN_KV_MULTIPLE,
       init_s=init_s, first_video_s=warm_s, loop_s=loop_s, per_step_s=loop_s / steps, decode_s=decode_s,
       # what a 40-step video costs at this per-step time (the device check runs only a few steps)
       video_40_steps_s=40 * loop_s / steps + decode_s,

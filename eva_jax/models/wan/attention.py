@@ -4,8 +4,9 @@ Layout is [B, L, N, d] throughout (batch, tokens, heads, head dim), non-causal, 
 
 Backends:
   'xla'     jax.nn.dot_product_attention(implementation='xla'): materialises the [B, N, Lq, Lk] scores.
-  'cudnn'   cuDNN flash attention (GPU). The key length is padded to a multiple of 64 and the padding masked with
-            `key_value_seq_lengths`, because the cuDNN backward refuses other key lengths (e.g. 257 CLIP tokens).
+  'cudnn'   cuDNN flash attention (GPU). A key length that is not a multiple of `CUDNN_KV_MULTIPLE` is padded to
+            one and the padding masked with `key_value_seq_lengths`, because the cuDNN backward refuses some key
+            lengths (e.g. 257 CLIP tokens). Lengths that need no padding run without a mask (the fastest kernel).
   'chunked' online-softmax attention over query and key blocks with lax.scan: memory O(chunk^2) instead of
             O(Lq * Lk), so long sequences run on CPU. Equal to 'xla' to float32 rounding.
 
@@ -19,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+# Key lengths that are a multiple of this run unpadded and unmasked on cuDNN; others are padded up to one.
+# `python scripts/bench.py --device-check` probes which lengths the installed cuDNN accepts (step cudnn-lengths).
 CUDNN_KV_MULTIPLE = 64
 _MASKED = -1e30  # finite "minus infinity" for the running max: avoids inf - inf = nan on fully padded blocks
 
@@ -41,21 +44,32 @@ def _xla_attention(q, k, v, kv_seq_lengths, scale):
                                       implementation="xla")
 
 
-def pad_kv(k: jax.Array, v: jax.Array, kv_seq_lengths: jax.Array | None, multiple: int = CUDNN_KV_MULTIPLE):
-  """Zero-pads keys/values along L to a multiple of `multiple`; returns (k, v, lengths [B] int32)."""
+def pad_kv(k: jax.Array, v: jax.Array, kv_seq_lengths: jax.Array | None, multiple: int | None = None):
+  """Zero-pads keys/values along L to a multiple of `multiple` (default CUDNN_KV_MULTIPLE).
+
+  Returns (k, v, lengths): lengths [B] int32 masks the padding, or is None when nothing was padded and no
+  lengths were given, so the kernel runs without a mask.
+  """
+  multiple = CUDNN_KV_MULTIPLE if multiple is None else multiple
   b, lk = k.shape[:2]
+  pad = (-lk) % multiple
+  if kv_seq_lengths is None and not pad:
+    return k, v, None
   lengths = (jnp.full((b,), lk, jnp.int32) if kv_seq_lengths is None
              else jnp.asarray(kv_seq_lengths, jnp.int32))
-  pad = (-lk) % multiple
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     k, v = jnp.pad(k, widths), jnp.pad(v, widths)
   return k, v, lengths
 
 
-def cudnn_attention(q, k, v, kv_seq_lengths=None, scale=None, *, implementation: str = "cudnn"):
-  """cuDNN flash attention with keys padded to a multiple of 64 (`implementation` is overridable for tests)."""
-  k, v, lengths = pad_kv(k, v, kv_seq_lengths)
+def cudnn_attention(q, k, v, kv_seq_lengths=None, scale=None, *, implementation: str = "cudnn",
+                    kv_multiple: int | None = None):
+  """cuDNN flash attention, keys padded to a multiple of `kv_multiple` (default CUDNN_KV_MULTIPLE) where needed.
+
+  `implementation` is overridable so tests run the padding logic on the xla kernel.
+  """
+  k, v, lengths = pad_kv(k, v, kv_seq_lengths, kv_multiple)
   in_dtype = q.dtype
   if implementation == "cudnn" and in_dtype == jnp.float32:
     # cuDNN flash attention runs only in half precision; float32 callers get a bf16 kernel.
