@@ -11,9 +11,14 @@ from __future__ import annotations
 import pathlib
 import sys
 
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so `configs.*` and `eva_jax` import from a plain checkout too
   sys.path.insert(0, str(ROOT))
+
+from eva_jax.utils.xla_flags import apply_default_xla_flags  # noqa: E402
+
+apply_default_xla_flags()  # before any computation starts the backend
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -117,6 +117,8 @@ def main(argv=None) -> int:
   parser.add_argument("--budget-s", type=float, default=480.0,
                       help="--device-check: skip the remaining steps once this many seconds have passed")
   args = parser.parse_args(argv)
+  from eva_jax.utils.xla_flags import apply_default_xla_flags
+  apply_default_xla_flags()  # what the entry points run with (before the backend starts)
   if args.command in ("scaling", "all") and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     # the scaling bench needs several devices; on a CPU-only host fake 8 (before jax is imported)
     if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
