@@ -6,6 +6,7 @@
       --config.umt5.tokenizer_path=$CKPT/Wan2.1-I2V-14B-480P/google/umt5-xxl
   # + --config.clip_features=True --config.clip.path=$CKPT/.../models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth
   # + --config.vae_latents=True --config.vae.path=$CKPT/.../Wan2.1_VAE.pth
+  # + --config.video_latents=True (whole-clip latents for SFT's data.load_video_latent; config.video sets the window)
   python scripts/cache_embeddings.py --config=configs/cache_embeddings.py:tiny \
       --config.metadata_path=<toy data>/metadata.csv      # random tiny encoders, tokenizer from the captions
 
@@ -37,19 +38,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.height, c.width = 480, 640   # first frames are centre-cropped/resized to this before CLIP / VAE
   c.camera = "head_camera"       # for RoboTwin .hdf5 rows
 
+  c.prompts = True               # umT5 prompt embeddings (False: only the image / video caches below)
   c.umt5 = ml_collections.ConfigDict(dict(
       preset="umt5-xxl", init="torch", path="", tokenizer_path="", dtype="bfloat16",
       param_dtype="bfloat16", text_len=512))
   c.clip_features = False
   c.clip = ml_collections.ConfigDict(dict(
       preset="vit-h-14", init="torch", path="", dtype="bfloat16", param_dtype="bfloat16"))
-  c.vae_latents = False
+  c.vae_latents = False          # first-frame latents (GRPO / inference conditioning)
+  # Whole-clip latents, read as SFT reads clips (configs/sft.py data.*), without augmentation; a clip longer
+  # than the window keeps one fixed window ('random_cut' seeded per row) or is resampled whole ('speedup').
+  c.video_latents = False
+  c.video = ml_collections.ConfigDict(dict(n_frames=49, fps=16.0, trim_mode="random_cut", pad_mode="slowdown"))
   c.vae = ml_collections.ConfigDict(dict(preset="wan2.1", init="torch", path="", dtype="float32",
                                          param_dtype="float32"))
 
   if arg.variant == "tiny":
     c.batch_size = 4
     c.height, c.width = 32, 32
+    c.video.n_frames = 5
     c.umt5.update(preset="tiny", init="random", tokenizer_path="tiny", dtype="float32",
                   param_dtype="float32")
     c.clip.update(preset="tiny", init="random", dtype="float32", param_dtype="float32")

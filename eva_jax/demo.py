@@ -208,9 +208,13 @@ def _idm_overrides(ctx: DemoContext) -> dict[str, Any]:
 
 def _sft_overrides(ctx: DemoContext) -> dict[str, Any]:
   c, d = ctx.config.sft, ctx.config.data
+  every = max(10, c.num_steps // 4)  # validation loss and checkpoints four times per run
   return {"data.data_root": str(ctx.data_root), "data.metadata_path": toyworld.CSV_NAME,
           "data.height": d.size, "data.width": d.size, "data.n_frames": d.n_frames,
           "data.fps": float(toyworld.FPS),
+          # whole-clip latents cached by _cache_clip_latents: no JPEG decoding or VAE encoding per step
+          "data.load_video_latent": True,
+          "train.checkpoint_every": every, "eval.every": every,
           # Crops would move the arms' bases; the toy camera is fixed like RoboTwin's head camera.
           "data.augment": False,
           "seed": ctx.config.seed, "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
@@ -299,11 +303,27 @@ def _idm_predict(ctx: DemoContext, cfg, frames: np.ndarray) -> np.ndarray:
   return np.asarray(actions_from_video(idm, jnp.asarray(frames, jnp.float32) / 255.0))
 
 
+def _cache_clip_latents(ctx: DemoContext) -> dict[str, Any]:
+  """Whole-clip latents of the toy videos under the fitted VAE (scripts/cache_embeddings.py's job with
+  configs/cache_embeddings.py:tiny), written next to the videos and added to the CSV as video_latent_path."""
+  embeddings = _require("eva_jax.data.embeddings", "cache_embeddings")
+  d = ctx.config.data
+  cfg = _override(_stage_config("cache_embeddings"), {
+      "data_root": str(ctx.data_root), "metadata_path": toyworld.CSV_NAME, "seed": ctx.config.seed,
+      "prompts": False, "video_latents": True, "height": d.size, "width": d.size,
+      "video.n_frames": d.n_frames, "video.fps": float(toyworld.FPS),
+      "vae.init": "orbax", "vae.path": str(ctx.stage_dir("vae"))}, "configs/cache_embeddings.py:tiny")
+  return embeddings.cache_embeddings(cfg)
+
+
 def stage_sft(ctx: DemoContext) -> StageResult:
   trainer = _require("eva_jax.training.sft", "train_and_evaluate")
   from eva_jax.utils.metrics import read_metrics
 
   cfg = _override(_stage_config("sft"), _sft_overrides(ctx), "configs/sft.py:tiny")
+  cached = _cache_clip_latents(ctx)
+  _log(f"[sft] clip latents: {cached['video_latents_written']} written, "
+       f"{cached['video_latents_skipped']} already there")
   trainer.train_and_evaluate(cfg, str(ctx.stage_dir("sft")))
   records = [r for r in read_metrics(ctx.stage_dir("sft")) if SFT_LOSS in r]
   steps = np.array([r["step"] for r in records])
@@ -364,7 +384,7 @@ STAGES: tuple[tuple[str, Callable[[DemoContext], StageResult], tuple[str, ...]],
     ("data", stage_data, ()),
     ("vae", stage_vae, ("data",)),
     ("idm", stage_idm, ("data",)),
-    ("sft", stage_sft, ("data",)),
+    ("sft", stage_sft, ("data", "vae")),  # trains on clip latents of the fitted VAE
     ("grpo", stage_grpo, ("idm", "sft")),
 )
 

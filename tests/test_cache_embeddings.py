@@ -206,3 +206,31 @@ def test_first_frame_from_image_and_robotwin_episode(tmp_path):
   assert ep.shape == (24, 32, 3) and np.abs(ep - png).mean() < 0.03
   wide = embeddings.first_frame(tmp_path / "f.png", 12, 12)  # centre 24x24 crop, then 12x12
   assert wide.shape == (12, 12, 3)
+
+
+def test_whole_clip_video_latents_for_sft(tmp_path):
+  """video_latents: each clip read as SFT reads it (5 frames from 3 by slowdown, resized), VAE-encoded, and
+  loadable through SFT's data path (data.load_video_latent) without decoding the video."""
+  from eva_jax.data.video import read_video
+  from eva_jax.data.video_dataset import ExampleLoader, resize_frames, to_unit_range
+  from eva_jax.data.metadata import read_metadata
+  csv_path = _make_csv(tmp_path, videos=True)
+  vae = WanVAE(vae_config("tiny"), rngs=nnx.Rngs(0))
+  config = _config(csv_path, prompts=False, video_latents=True)
+  stats = cache_embeddings(config, models={"vae": vae})
+  assert stats["video_latents_written"] == 6 and stats["prompt_written"] == 0
+  rows = _rows(csv_path)
+  assert "prompt_embed_path" not in rows[0]
+  assert rows[1]["video_latent_path"] == "video_latents/task_a/ep1.mp4.npy"
+
+  frames = read_video(tmp_path / VIDEOS[1])[0]                    # [3, 24, 40, 3] uint8
+  clip = to_unit_range(resize_frames(frames[[0, 0, 1, 2, 2]], 32, 32))
+  ref = np.asarray(vae.encode(clip[None]))[0]
+  stored = np.load(tmp_path / rows[1]["video_latent_path"])
+  assert stored.shape == ref.shape == (2, 4, 4, 16) and rel_err(stored, ref) <= 1e-5
+
+  loader = ExampleLoader(tmp_path, dict(height=32, width=32, n_frames=5, load_prompt_embed=False,
+                                        load_video_latent=True), train=True)
+  example = loader(read_metadata(csv_path)[1], np.random.default_rng(0))
+  assert "video" not in example and rel_err(example["latents"], ref) <= 1e-5
+  assert cache_embeddings(config, models={"vae": vae})["video_latents_skipped"] == 6  # rerun resumes

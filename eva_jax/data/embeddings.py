@@ -9,6 +9,8 @@ Layout next to the videos (paths in the CSV are relative to the data root), as t
   prompt_embeds/<video_path>.npy   -> column prompt_embed_path   [L, 4096]
   clip_embeds/<video_path>.npy     -> column clip_embed_path     [257, 1280] (first frame)
   first_latents/<video_path>.npy   -> column first_latent_path   [1, h, w, 16] (first frame, VAE)
+  video_latents/<video_path>.npy   -> column video_latent_path   [F, h, w, 16] (whole clip, VAE; SFT's
+                                      data.load_video_latent: no decoding or encoding per training step)
 
 `cache_embeddings(config)` encodes every distinct caption once (batched, jitted, progress bar), writes
 each row's file atomically, and rewrites the CSV atomically at the end (temporary file + os.replace):
@@ -28,6 +30,7 @@ import numpy as np
 
 PROMPT_COLUMN, CLIP_COLUMN, LATENT_COLUMN = "prompt_embed_path", "clip_embed_path", "first_latent_path"
 PROMPT_DIR, CLIP_DIR, LATENT_DIR = "prompt_embeds", "clip_embeds", "first_latents"
+VIDEO_LATENT_COLUMN, VIDEO_LATENT_DIR = "video_latent_path", "video_latents"
 
 
 # MARK: files
@@ -288,6 +291,19 @@ def _jit(fn):
 # Module-level so the compiled function is reused across calls (and by tests).
 encode_clip_frames = _jit(lambda m, x: m.encode_image(x))        # [B, H, W, 3] -> [B, 257, 1280]
 encode_vae_frames = _jit(lambda m, x: m.encode(x[:, None]))      # [B, H, W, 3] -> [B, 1, h, w, 16]
+encode_vae_clips = _jit(lambda m, x: m.encode(x))                # [B, T, H, W, 3] -> [B, F, h, w, 16]
+
+
+def _vae_model(config, model=None):
+  """The VAE of config.vae (or `model` when given) and its config."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from convert.wan import convert_vae_state_dict  # pylint: disable=g-import-not-at-top
+  from eva_jax.models.vae import WanVAE, vae_config  # pylint: disable=g-import-not-at-top
+  c = config.vae
+  cfg = vae_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+  if model is None:
+    model = build_model(lambda r: WanVAE(cfg, rngs=r), c, cfg, convert_vae_state_dict, "vae", config.seed)
+  return model, cfg
 
 
 def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model=None) -> None:
@@ -307,12 +323,7 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model
     convert_fn = convert_clip_state_dict
     encode = encode_clip_frames
   else:
-    from convert.wan import convert_vae_state_dict
-    from eva_jax.models.vae import WanVAE, vae_config
-    cfg = vae_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     want = lambda s: len(s) == 4 and s[0] == 1
-    make = lambda r: WanVAE(cfg, rngs=r)
-    convert_fn = convert_vae_state_dict
     encode = encode_vae_frames
   todo = []
   for i, row in enumerate(rows):
@@ -324,7 +335,9 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model
       todo.append(i)
   if not todo:
     return
-  if model is None:
+  if kind == "vae":
+    model, _ = _vae_model(config, model)
+  elif model is None:
     model = build_model(make, c, cfg, convert_fn, kind, config.seed)
   bs = config.batch_size
   bar = progress(total=len(todo), desc=f"{kind} first frames")
@@ -340,9 +353,54 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model
   bar.close()
 
 
+def _cache_video_latents(config, rows, media, root: Path, csv_path: Path, stats: dict, model=None) -> None:
+  """VAE latents of each row's whole clip, read as SFT reads it (config.video: frames, fps, trim), unaugmented.
+
+  A clip longer than the window gets one fixed window (trim_mode 'random_cut' seeded by config.seed and the
+  row, or 'speedup' for the whole clip resampled), so training on the cache sees that window only.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from eva_jax.data.metadata import read_metadata
+  from eva_jax.data.video_dataset import ExampleLoader
+  from eva_jax.utils.progress import progress
+  v = config.video
+  if (v.n_frames - 1) % 4:
+    raise ValueError(f"video.n_frames={v.n_frames}: the Wan VAE needs 1 + 4k frames")
+  latent_frames = 1 + (v.n_frames - 1) // 4
+  want = lambda s: len(s) == 4 and s[0] == latent_frames
+  todo = []
+  for i, row in enumerate(rows):
+    rel, path = _row_file(root, row, media, VIDEO_LATENT_COLUMN, VIDEO_LATENT_DIR)
+    row[VIDEO_LATENT_COLUMN] = rel
+    if not config.overwrite and is_valid_file(path, want):
+      stats["video_latents_skipped"] += 1
+    else:
+      todo.append(i)
+  if not todo:
+    return
+  records = read_metadata(csv_path)  # typed rows (n_frames, fps, trims, crops) in the CSV's order
+  loader = ExampleLoader(root, dict(height=config.height, width=config.width, n_frames=v.n_frames, fps=v.fps,
+                                    trim_mode=v.trim_mode, pad_mode=v.pad_mode, augment=False,
+                                    camera=config.camera), train=False)
+  model, _ = _vae_model(config, model)
+  bs = config.batch_size
+  bar = progress(total=len(todo), desc="vae clips")
+  for batch in _batches(todo, bs):
+    clips = np.stack([loader.video(records[i], np.random.default_rng((config.seed, i))) for i in batch])
+    clips = np.pad(clips, ((0, bs - len(batch)),) + ((0, 0),) * 4)  # static batch shape
+    out = jax.device_get(encode_vae_clips(model, jnp.asarray(clips)))
+    for j, i in enumerate(batch):
+      save_array(root / rows[i][VIDEO_LATENT_COLUMN], out[j], config.save_dtype)
+      stats["video_latents_written"] += 1
+    bar.update(len(batch))
+  bar.close()
+
+
 def cache_embeddings(config, workdir: str | os.PathLike | None = None,
                      models: Mapping[str, Any] | None = None) -> dict:
-  """Fills prompt_embed_path (and optionally clip_embed_path / first_latent_path) for a metadata CSV.
+  """Fills prompt_embed_path (and optionally clip_embed_path / first_latent_path / video_latent_path) of a CSV.
 
   config: see configs/cache_embeddings.py. `models` may hold already built encoders ('clip', 'vae')
   to use instead of building them from the config. Returns counts of written / skipped files. The
@@ -358,15 +416,21 @@ def cache_embeddings(config, workdir: str | os.PathLike | None = None,
   columns, rows = read_csv(csv_path)
   media = media_column(columns, csv_path)
   stats = {k: 0 for k in ("prompt_written", "prompt_skipped", "captions_encoded", "clip_written",
-                          "clip_skipped", "vae_written", "vae_skipped")}
-  _cache_prompts(config, rows, media, root, workdir, stats)
-  added = [PROMPT_COLUMN]
+                          "clip_skipped", "vae_written", "vae_skipped", "video_latents_written",
+                          "video_latents_skipped")}
+  added = []
+  if config.prompts:
+    _cache_prompts(config, rows, media, root, workdir, stats)
+    added.append(PROMPT_COLUMN)
   if config.clip_features:
     _cache_frames(config, rows, media, root, "clip", stats, models.get("clip"))
     added.append(CLIP_COLUMN)
   if config.vae_latents:
     _cache_frames(config, rows, media, root, "vae", stats, models.get("vae"))
     added.append(LATENT_COLUMN)
+  if config.video_latents:
+    _cache_video_latents(config, rows, media, root, csv_path, stats, models.get("vae"))
+    added.append(VIDEO_LATENT_COLUMN)
   write_csv_atomic(out_csv, columns + [c for c in added if c not in columns], rows)
   stats.update(rows=len(rows), csv=str(out_csv))
   return stats
