@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2 --durations=15
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
 DEMO_ARGS ?= --config=configs/demo.py:tiny
 
 .PHONY: install install-test demo test bench clean
