@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import logging
 import pathlib
-import time
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -353,7 +352,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   Returns the last logged metrics (train and validation).
   """
   from eva_jax.training.checkpoints import Checkpointer
-  from eva_jax.utils.metrics import MetricWriter
+  from eva_jax.utils.metrics import MetricWriter, StepClock
   from eva_jax.utils.progress import progress
   from eva_jax.utils.rundir import save_config
 
@@ -404,29 +403,22 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   base_key = jax.random.key(config.seed)
   model.train()
   last: dict[str, float] = {}
-  since, t0, n_timed, data_time = start, None, 0, 0.0
+  since, clock = start, StepClock()
   it = iter(loader)
   for step in progress(range(start, stop), total=total, initial=start, desc="idm"):
-    tic = time.perf_counter()
-    batch = next(it)
-    data_time += time.perf_counter() - tic
+    with clock.data():
+      batch = next(it)
     frames = _global(batch["frames"], batch_sharding[0])
     actions = _global(batch["action"], batch_sharding[1])
     metrics = train_step(model, opt, frames, actions, jax.random.fold_in(base_key, step),
                          jnp.float32(step / max(total - 1, 1)), step_cfg)
     done = step + 1
-    if t0 is None:  # the compiling first step is left out of the throughput
-      jax.block_until_ready(metrics)
-      t0, data_time = time.perf_counter(), 0.0
-    else:
-      n_timed += 1
+    clock.stepped(metrics)
     if done % t.log_every == 0 or done in (total, stop):
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       _check_finite(values, done, since)
       since = done
-      if n_timed:
-        dt = (time.perf_counter() - t0) / n_timed
-        values.update(step_time_s=dt, windows_per_s=t.batch_size / dt, data_time_s=data_time / n_timed)
+      values.update(clock.rates(t.batch_size, "windows"))
       values["learning_rate"] = float(_lr(config.optim, done))
       last.update(writer.write(done, values))
     val: dict[str, float] = {}

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_jax import parallel
+from eva_jax.training.checkpoints import checked_weights, select_weights
 from eva_jax.training.optim import make_optimizer
 
 Batch = Mapping[str, jax.Array]
@@ -277,24 +278,10 @@ def initial_params(init_cfg, wan_cfg, trainer: SFTTrainer) -> dict | None:
     from convert.wan_dit import convert_dit_state_dict
     tree = convert_dit_state_dict(read_torch_state_dict(init_cfg.path), wan_cfg)
   elif kind == "orbax":
-    tree = restore_tree(init_cfg.path)
-    keys = ("ema", "params") if init_cfg.use_ema else ("params", "model")
-    tree = next((tree[k] for k in keys if isinstance(tree, dict) and k in tree), tree)
+    tree = select_weights(restore_tree(init_cfg.path), ("ema", "params") if init_cfg.use_ema else ("params", "model"))
   else:
     raise ValueError(f"init.kind must be 'random', 'orbax' or 'torch', got {kind!r}")
-  state = nnx.clone(trainer._abs_params_state)
-  try:
-    nnx.replace_by_pure_dict(state, tree)
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"init.path {init_cfg.path} does not match the model config: {e}") from e
-  pure = nnx.to_pure_dict(state)
-  want = nnx.to_pure_dict(trainer._abs_params_state)
-  for (path, got), (_, ref) in zip(jax.tree_util.tree_leaves_with_path(pure),
-                                   jax.tree_util.tree_leaves_with_path(want)):
-    if tuple(np.shape(got)) != tuple(ref.shape):
-      raise ValueError(f"init.path {init_cfg.path}: {jax.tree_util.keystr(path)} has shape "
-                       f"{np.shape(got)}, the model expects {ref.shape}")
-  return jax.tree.map(lambda x, r: np.asarray(x, r.dtype), pure, want)
+  return checked_weights(tree, trainer._abs_params_state, f"init.path {init_cfg.path}", "the model config")
 
 
 # MARK: conditioning that the CSV does not cache
@@ -327,9 +314,9 @@ class Conditioner:
       # logical axis names as mesh axes
       gdef, state = nnx.split(WanVAE(vae_config(config.vae.preset), rngs=nnx.Rngs(config.seed + 1)))
       if config.vae.checkpoint:
-        tree = restore_tree(config.vae.checkpoint)
-        tree = next((tree[k] for k in ("params", "model") if isinstance(tree, dict) and k in tree), tree)
-        nnx.replace_by_pure_dict(state, tree)
+        nnx.replace_by_pure_dict(state, checked_weights(
+            select_weights(restore_tree(config.vae.checkpoint)), state, f"vae.checkpoint {config.vae.checkpoint}",
+            f"vae_config({config.vae.preset!r})"))
       else:
         logging.warning("vae.checkpoint is empty: a random-weight VAE (smoke runs only)")
       self._vae = (gdef, jax.device_put(state, parallel.state_shardings(state, self.mesh)))

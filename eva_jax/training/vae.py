@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -269,24 +268,13 @@ def evaluate(config, trainer: VAETrainer, params) -> dict[str, float]:
 def initial_params(config, trainer: VAETrainer) -> dict | None:
   """config.init.path -> a pure dict of the VAE's params (None = random init): the orbax directory of
   `python -m convert --kind vae`, or a VAE run (its checkpoints' 'params')."""
+  from eva_jax.training.checkpoints import checked_weights, select_weights
   from eva_jax.training.sft import restore_tree
   path = config.init.path
   if not path:
     return None
-  tree = restore_tree(path)
-  tree = next((tree[k] for k in ("params", "model") if isinstance(tree, dict) and k in tree), tree)
-  state = nnx.clone(trainer.abs_state)
-  try:
-    nnx.replace_by_pure_dict(state, tree)
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"init.path {path} does not match vae_config({config.vae.preset!r}): {e}") from e
-  got = nnx.to_pure_dict(state)
-  want = nnx.to_pure_dict(trainer.abs_state)
-  for (kp, x), (_, ref) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)):
-    if tuple(np.shape(x)) != tuple(ref.shape):
-      raise ValueError(f"init.path {path}: {jax.tree_util.keystr(kp)} has shape {np.shape(x)}, "
-                       f"vae_config({config.vae.preset!r}) expects {ref.shape}")
-  return jax.tree.map(lambda x, r: np.asarray(x, r.dtype), got, want)
+  return checked_weights(select_weights(restore_tree(path)), trainer.abs_state, f"init.path {path}",
+                         f"vae_config({config.vae.preset!r})")
 
 
 # MARK: train_and_evaluate
@@ -319,7 +307,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   initial weights (init_val_*).
   """
   from eva_jax.training.checkpoints import Checkpointer
-  from eva_jax.utils.metrics import MetricWriter
+  from eva_jax.utils.metrics import MetricWriter, StepClock
   from eva_jax.utils.progress import progress
   from eva_jax.utils.rundir import save_config
 
@@ -356,26 +344,19 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   stop = min(int(t.stop_at), total) if t.get("stop_at") else total  # schedules still span num_steps
   schedule = make_schedule(optim_config(config))
   last: dict[str, float] = dict(init_val)
-  since, t0, n_timed, data_s = start, None, 0, 0.0
+  since, clock = start, StepClock()
   with jax.set_mesh(mesh):
     for step in progress(range(start, stop), total=total, initial=start, desc="vae"):
-      tic = time.perf_counter()
-      video = trainer.global_batch(next(data_iter)["video"])
-      data_s += time.perf_counter() - tic
+      with clock.data():
+        video = trainer.global_batch(next(data_iter)["video"])
       state, metrics = trainer.train_step(state, video)
       done = step + 1
-      if t0 is None:  # the compiling first step is left out of the throughput
-        jax.block_until_ready(metrics)
-        t0, data_s = time.perf_counter(), 0.0
-      else:
-        n_timed += 1
+      clock.stepped(metrics)
       if done % t.log_every == 0 or done in (total, stop):
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(values, done, since)
         since = done
-        if n_timed:
-          dt = (time.perf_counter() - t0) / n_timed
-          values.update(step_time_s=dt, clips_per_s=t.batch_size / dt, data_time_s=data_s / n_timed)
+        values.update(clock.rates(t.batch_size, "clips"))
         values["learning_rate"] = float(schedule(done))
         last.update(writer.write(done, values))
       val: dict[str, float] = {}

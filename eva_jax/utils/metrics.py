@@ -69,3 +69,44 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
   if path.is_dir():
     path = path / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class StepClock:
+  """A training loop's throughput: step time and host data time per step, the compiling first step left out.
+
+    clock = StepClock()
+    for step in ...:
+      with clock.data():
+        batch = next(it)
+      metrics = train_step(...)
+      clock.stepped(metrics)
+      values.update(clock.rates(batch_size, "clips"))  # {} until a step after the first has run
+  """
+
+  def __init__(self):
+    self._t0, self._steps, self._data_s = None, 0, 0.0
+
+  def data(self):
+    clock = self
+
+    class _Timer:
+      def __enter__(self):
+        self.tic = time.perf_counter()
+
+      def __exit__(self, *exc):
+        clock._data_s += time.perf_counter() - self.tic
+    return _Timer()
+
+  def stepped(self, metrics) -> None:
+    """After each train step; the first waits for its result (compilation) and starts the clock."""
+    if self._t0 is None:
+      jax.block_until_ready(metrics)
+      self._t0, self._data_s = time.perf_counter(), 0.0
+    else:
+      self._steps += 1
+
+  def rates(self, batch_size: int, unit: str) -> dict[str, float]:
+    if not self._steps:
+      return {}
+    dt = (time.perf_counter() - self._t0) / self._steps
+    return {"step_time_s": dt, f"{unit}_per_s": batch_size / dt, "data_time_s": self._data_s / self._steps}
