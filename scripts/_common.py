@@ -53,3 +53,24 @@ def run(main) -> None:
     distributed.initialize()
     return main(argv)
   app.run(wrapped, flags_parser=_parse)
+
+
+def trainer_main(config_default: str, module: str, name: str, check=None) -> None:
+  """The whole of a `scripts/train_<x>.py`: `--config`, `--workdir` (default a fresh outputs/<date>/<time>/;
+  an existing one resumes), then eva_jax.training.<module>.train_and_evaluate. `check(config)` may reject a
+  config before anything is built (raise SystemExit with the message)."""
+  config = config_flag(config_default)
+  workdir = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
+
+  def main(argv):
+    del argv
+    import importlib
+    from eva_jax.utils.rundir import make_run_dir
+    if check is not None:
+      check(config.value)
+    trainer = importlib.import_module(f"eva_jax.training.{module}")
+    out = workdir.value or make_run_dir("outputs")
+    print(f"{name}: writing to {out}")
+    metrics = trainer.train_and_evaluate(config.value, out) or {}
+    print({k: round(v, 5) for k, v in metrics.items() if "/" not in k and isinstance(v, (int, float))})
+  run(main)

@@ -12,25 +12,14 @@ checkpoints/, lora_adapter/ (PEFT safetensors), best_reward/, idm_plots/, videos
 from __future__ import annotations
 
 import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
-from absl import flags
-
-_CONFIG = config_flag("configs/grpo.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
+from _common import trainer_main
 
 
-def main(argv):
-  del argv
-  from eva_jax.training import grpo
-  from eva_jax.utils.rundir import make_run_dir
-  config = _CONFIG.value
+def _needs_reward(config):
   if not config.reward.idm_checkpoint:
     raise SystemExit("error: set --config.reward.idm_checkpoint (the reward IDM, e.g. IDM_singleview.pt); "
                      "GRPO has no reward without it")
-  workdir = _WORKDIR.value or make_run_dir("outputs")
-  print(f"grpo: writing to {workdir}")
-  grpo.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-  run(main)
+  trainer_main("configs/grpo.py", "grpo", "grpo", check=_needs_reward)

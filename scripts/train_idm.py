@@ -12,22 +12,7 @@ tensorboard/, checkpoints/ (+ best/ by val_mae). Rerun with the same --workdir t
 from __future__ import annotations
 
 import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
-from absl import flags
-
-_CONFIG = config_flag("configs/idm.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
-
-
-def main(argv):
-  del argv
-  from eva_jax.training import idm
-  from eva_jax.utils.rundir import make_run_dir
-  workdir = _WORKDIR.value or make_run_dir("outputs")
-  print(f"train_idm: writing to {workdir}")
-  metrics = idm.train_and_evaluate(_CONFIG.value, workdir)
-  print({k: round(v, 5) for k, v in metrics.items() if "/" not in k})
-
+from _common import trainer_main
 
 if __name__ == "__main__":
-  run(main)
+  trainer_main("configs/idm.py", "idm", "train_idm")

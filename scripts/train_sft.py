@@ -13,22 +13,7 @@ tensorboard/, checkpoints/ (+ best/ by val_loss). Rerun with the same --workdir 
 from __future__ import annotations
 
 import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
-from absl import flags
-
-_CONFIG = config_flag("configs/sft.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
-
-
-def main(argv):
-  del argv
-  from eva_jax.training import sft
-  from eva_jax.utils.rundir import make_run_dir
-  workdir = _WORKDIR.value or make_run_dir("outputs")
-  print(f"train_sft: writing to {workdir}")
-  metrics = sft.train_and_evaluate(_CONFIG.value, workdir)
-  print({k: round(v, 5) for k, v in metrics.items()})
-
+from _common import trainer_main
 
 if __name__ == "__main__":
-  run(main)
+  trainer_main("configs/sft.py", "sft", "train_sft")

@@ -13,22 +13,7 @@ GRPO read the run directory as --config.vae.checkpoint=<workdir>.
 from __future__ import annotations
 
 import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
-from absl import flags
-
-_CONFIG = config_flag("configs/vae.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
-
-
-def main(argv):
-  del argv
-  from eva_jax.training import vae
-  from eva_jax.utils.rundir import make_run_dir
-  workdir = _WORKDIR.value or make_run_dir("outputs")
-  print(f"train_vae: writing to {workdir}")
-  metrics = vae.train_and_evaluate(_CONFIG.value, workdir)
-  print({k: round(v, 5) for k, v in metrics.items()})
-
+from _common import trainer_main
 
 if __name__ == "__main__":
-  run(main)
+  trainer_main("configs/vae.py", "vae", "train_vae")

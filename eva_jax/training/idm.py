@@ -339,12 +339,6 @@ def _abstract(tree):
 
 # MARK: train_and_evaluate
 
-def _check_finite(values: Mapping[str, float], step: int, since: int) -> None:
-  bad = {k: v for k, v in values.items() if not np.isfinite(v)}
-  if bad:
-    raise FloatingPointError(f"IDM training: non-finite {bad} between steps {since} and {step}")
-
-
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   """Trains for config.train.num_steps; resumes from workdir/checkpoints when it holds a checkpoint.
 
@@ -352,7 +346,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   Returns the last logged metrics (train and validation).
   """
   from eva_jax.training.checkpoints import Checkpointer
-  from eva_jax.utils.metrics import MetricWriter, StepClock
+  from eva_jax.utils.metrics import MetricWriter, StepClock, fetch_finite
   from eva_jax.utils.progress import progress
   from eva_jax.utils.rundir import save_config
 
@@ -415,8 +409,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     done = step + 1
     clock.stepped(metrics)
     if done % t.log_every == 0 or done in (total, stop):
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(values, done, since)
+      values = fetch_finite(metrics, done, since, "IDM training")
       since = done
       values.update(clock.rates(t.batch_size, "windows"))
       values["learning_rate"] = float(_lr(config.optim, done))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -380,12 +379,6 @@ def _data(config, split: str, train: bool, batch_size: int, seed: int):
   return records, ds
 
 
-def _check_finite(values: Mapping[str, float], step: int, since: int):
-  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-  if bad:
-    raise FloatingPointError(f"non-finite {bad} between steps {since} and {step}")
-
-
 def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   """Trains for config.train.num_steps micro-batches; resumes from workdir/checkpoints if present.
 
@@ -394,7 +387,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   Returns the last logged metrics.
   """
   from eva_jax.training.checkpoints import Checkpointer
-  from eva_jax.utils.metrics import MetricWriter
+  from eva_jax.utils.metrics import MetricWriter, fetch_finite
   from eva_jax.utils.progress import progress
   from eva_jax.utils.rundir import save_config
 
@@ -442,8 +435,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
       else:
         n_timed += 1
       if done % config.train.log_every == 0 or done == total:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(values, done, since)
+        values = fetch_finite(metrics, done, since, "SFT")
         since = done
         if n_timed:
           dt = (time.perf_counter() - t0) / n_timed

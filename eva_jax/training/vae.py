@@ -293,12 +293,6 @@ def _trainer(config, mesh) -> VAETrainer:
   return _CACHE[key]
 
 
-def _check_finite(values: Mapping[str, float], step: int, since: int) -> None:
-  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-  if bad:
-    raise FloatingPointError(f"VAE training: non-finite {bad} between steps {since} and {step}")
-
-
 def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   """Trains for config.train.num_steps (resuming from workdir/checkpoints when it holds one).
 
@@ -307,7 +301,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   initial weights (init_val_*).
   """
   from eva_jax.training.checkpoints import Checkpointer
-  from eva_jax.utils.metrics import MetricWriter, StepClock
+  from eva_jax.utils.metrics import MetricWriter, StepClock, fetch_finite
   from eva_jax.utils.progress import progress
   from eva_jax.utils.rundir import save_config
 
@@ -353,8 +347,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
       done = step + 1
       clock.stepped(metrics)
       if done % t.log_every == 0 or done in (total, stop):
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(values, done, since)
+        values = fetch_finite(metrics, done, since, "VAE training")
         since = done
         values.update(clock.rates(t.batch_size, "clips"))
         values["learning_rate"] = float(schedule(done))

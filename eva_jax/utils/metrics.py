@@ -110,3 +110,13 @@ class StepClock:
       return {}
     dt = (time.perf_counter() - self._t0) / self._steps
     return {"step_time_s": dt, f"{unit}_per_s": batch_size / dt, "data_time_s": self._data_s / self._steps}
+
+
+def fetch_finite(metrics: Mapping, step: int, since: int, what: str) -> dict[str, float]:
+  """A train step's device metrics as floats; FloatingPointError naming the non-finite ones (and the steps
+  since the last check, where they went bad) instead of writing them and training on."""
+  values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+  if bad:
+    raise FloatingPointError(f"{what}: non-finite {bad} between steps {since} and {step}")
+  return values
