@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
-DEMO_ARGS ?= --config=configs/demo.py:tiny
+DEMO_ARGS ?=
 
 .PHONY: install install-test demo test bench clean
 
@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-demo: install  ## the CI-sized end-to-end run; the full demo is `python scripts/demo.py` (docs/demo.md)
+demo: install  ## the full built-in demo (~10 min on 2 CPU cores); DEMO_ARGS=--config=configs/demo.py:short for the CI-sized one
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 test: install-test
