@@ -241,7 +241,8 @@ def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
           "sample.num_steps": c.num_sampling_steps,
           "sample.latent_frames": 1 + (d.n_frames - 1) // 4,
           "sample.latent_height": d.size // 8, "sample.latent_width": d.size // 8,
-          "optim.learning_rate": c.learning_rate,
+          "optim.learning_rate": c.learning_rate, "train.clip_range": c.clip_range,
+          "train.num_inner_epochs": c.num_inner_epochs, "train.timestep_fraction": c.timestep_fraction,
           # Rollout videos at the first iteration (the SFT model) and the last one (aligned).
           "log.video_every": c.num_iterations, "log.num_videos": ctx.config.report.num_samples,
           "log.plot_every": c.num_iterations, **_vae_checkpoint(ctx)}

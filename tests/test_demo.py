@@ -77,6 +77,22 @@ def test_grpo_stage_starts_from_the_toy_csv_with_sfts_conditioning(tmp_path):
   assert grpo.data.num_conditions == 2 and grpo.sample.num_prompts * (grpo.num_iterations // 4) % 2 == 0
 
 
+def test_grpo_stage_uses_the_demos_trust_region_and_configs_grpo_keeps_evas(tmp_path):
+  """The demo widens GRPO's step (EVA's leaves the tiny policy where SFT put it: docs/demo.md); the
+  trainer's own configs keep EVA's recipe."""
+  from configs import grpo as grpo_config
+  cfg = demo.resolve_config(demo_config.get_config())
+  grpo = demo._override(demo._stage_config("grpo"), demo._grpo_overrides(demo.DemoContext(cfg, tmp_path, {})),
+                        "configs/grpo.py:tiny")
+  c = cfg.grpo
+  assert (grpo.optim.learning_rate, grpo.train.clip_range) == (c.learning_rate, c.clip_range) == (3e-2, 1e-2)
+  assert (grpo.train.num_inner_epochs, grpo.train.timestep_fraction) == (4, 1.0)
+  eva = grpo_config.get_config()
+  assert (eva.train.clip_range, eva.train.beta, eva.optim.learning_rate) == (1e-5, 0.004, 2e-4)
+  assert (eva.train.num_inner_epochs, eva.train.timestep_fraction) == (4, 0.99)
+  assert grpo.train.beta == eva.train.beta  # the KL weight stays EVA's
+
+
 def test_failed_and_unavailable_stages_are_reported_not_faked(tmp_path, monkeypatch):
   def boom(ctx):
     raise ValueError("bad toy")
