@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       adv_clip=5.0, beta=0.004, per_prompt_stat_tracking=True, global_std=False))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
-      schedule="constant", warmup_steps=0, grad_clip_norm=1.0, grad_clip_value=0.0, accumulate_steps=1))
+      schedule="constant", warmup_steps=0, total_steps=0, grad_clip_norm=1.0, grad_clip_value=0.0, accumulate_steps=1))
 
   # First frames and their conditioning; num_conditions distinct first frames are cycled through.
   # 'csv': the first rows of an EVA metadata CSV (frame 0 VAE-encoded; text from prompt_embed_path
