@@ -108,7 +108,17 @@ def _paint_segments(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, p0: np.ndar
   """Alpha-blends thick antialiased segments (round caps) into img in place.
 
   img: [N, S, S, 3] float; p0, p1: [N, 2] (x, y) pixel endpoints; radius: half the width (px).
+  Only the box that any frame's segment can touch is computed (a link covers a few % of the image).
   """
+  reach = radius + 1.5  # coverage is 0 beyond radius + 0.5 from the segment; one pixel to spare
+  ends = np.concatenate([p0, p1])  # [2N, 2]
+  (x0, y0), (x1, y1) = np.floor(ends.min(0) - reach), np.ceil(ends.max(0) + reach)
+  size = img.shape[1]
+  rows = slice(int(np.clip(y0, 0, size)), int(np.clip(y1, 0, size)))
+  cols = slice(int(np.clip(x0, 0, size)), int(np.clip(x1, 0, size)))
+  if rows.start >= rows.stop or cols.start >= cols.stop:
+    return
+  img, yy, xx = img[:, rows, cols], yy[rows, cols], xx[rows, cols]
   d = p1 - p0  # [N, 2]
   length2 = np.maximum((d ** 2).sum(-1), 1e-9)[:, None, None]  # [N, 1, 1]
   px = xx[None] - p0[:, 0, None, None]  # [N, S, S]
