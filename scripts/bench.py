@@ -19,6 +19,7 @@ import os
 import pathlib
 import platform
 import sys
+import time
 import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -69,12 +70,14 @@ def run_one(name: str, size: str, args) -> dict:
       return {"name": name, "size": size, "error": f"benchmark module scripts/benches/{module_name}.py not present"}
     raise
   args.what = what
+  start = time.perf_counter()
   try:
     result = module.run(size, args)
   except Exception as e:  # one failing bench must not hide the others
     traceback.print_exc()
     return {"name": name, "size": size, "error": f"{type(e).__name__}: {e}"}
-  return {"name": name, "size": size, **result}
+  # the whole bench (compiles, reference, checks): where a run's time goes
+  return {"name": name, "size": size, **result, "bench_wall_s": round(time.perf_counter() - start, 1)}
 
 
 def format_table(results: list[dict]) -> str:
