@@ -243,6 +243,7 @@ def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
           "sample.latent_height": d.size // 8, "sample.latent_width": d.size // 8,
           "optim.learning_rate": c.learning_rate, "train.clip_range": c.clip_range,
           "train.num_inner_epochs": c.num_inner_epochs, "train.timestep_fraction": c.timestep_fraction,
+          "train.beta": c.beta,
           # Rollout videos at the first iteration (the SFT model) and the last one (aligned).
           "log.video_every": c.num_iterations, "log.num_videos": ctx.config.report.num_samples,
           "log.plot_every": c.num_iterations, **_vae_checkpoint(ctx)}
@@ -346,9 +347,8 @@ def stage_grpo(ctx: DemoContext) -> StageResult:
   steps = np.array([r["step"] for r in records])
   mean = np.array([float(r[GRPO_REWARD_MEAN]) for r in records])
   std = np.array([float(r.get(GRPO_REWARD_STD, 0.0)) for r in records])
-  k = max(1, len(mean) // 4)  # compare the first and last quarters, not single noisy iterations
-  metrics = {"reward_first": float(mean[:k].mean()), "reward_last": float(mean[-k:].mean()),
-             "iterations": len(mean)}
+  metrics = dict(reward_rise(mean, std, cfg.sample.group_size * cfg.sample.num_prompts),
+                 iterations=len(mean))
   outputs = {"steps": steps, "reward_mean": mean, "reward_std": std}
   outputs.update(_before_after(ctx, cfg))
   for tag in ("before", "after"):
@@ -356,6 +356,22 @@ def stage_grpo(ctx: DemoContext) -> StageResult:
       metrics[f"sample_reward_{tag}"] = float(outputs[f"rewards_{tag}"].mean())
   return StageResult("grpo", "done", "Flow-GRPO with the IDM smoothness reward", metrics=metrics,
                      outputs=outputs)
+
+
+def reward_rise(mean: np.ndarray, std: np.ndarray, num_rollouts: int) -> dict[str, float]:
+  """Mean reward of the last quarter of the iterations against the first, with its standard error.
+
+  mean, std: [iterations] per-iteration mean and (population) std over num_rollouts rollouts. Quarters,
+  not single iterations, are compared because one iteration's mean is noisy; the standard error is
+  that of the two quarter means (each iteration's mean: std / sqrt(n − 1)), independent rollouts.
+  """
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  k = max(1, len(mean) // 4)
+  var = np.square(std) / max(num_rollouts - 1, 1)  # each iteration mean's squared standard error
+  first, last = mean[:k].mean(), mean[-k:].mean()
+  se = np.sqrt(var[:k].sum() + var[-k:].sum()) / k
+  return {"reward_first": float(first), "reward_last": float(last), "reward_rise": float(last - first),
+          "reward_rise_se": float(se)}
 
 
 def _before_after(ctx: DemoContext, grpo_cfg) -> dict[str, np.ndarray]:
@@ -491,8 +507,10 @@ def write_report(ctx: DemoContext) -> dict[str, Any]:
     out, m = res["grpo"].outputs, res["grpo"].metrics
     files.append(plots.plot_curves(
         wd / "plots" / "reward_curve.png", {"GRPO rollouts": (out["steps"], out["reward_mean"])},
-        bands={"GRPO rollouts": out["reward_std"]}, hlines={"first-quarter mean": m["reward_first"]},
-        title="IDM smoothness reward during Flow-GRPO", xlabel="iteration", ylabel="reward"))
+        bands={"GRPO rollouts": out["reward_std"]},
+        hlines={"first-quarter mean": m["reward_first"], "last-quarter mean": m["reward_last"]},
+        title=f"IDM smoothness reward during Flow-GRPO (rise {m['reward_rise']:+.2f} ± "
+              f"{m['reward_rise_se']:.2f} s.e.)", xlabel="iteration", ylabel="reward"))
     if "videos_before" in out and "videos_after" in out:
       n = cfg.report.num_samples
       videos = {}

@@ -7,6 +7,11 @@ soon as a trainer lands, this test requires the demo to run it and to produce it
 
 import importlib.util
 import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +20,8 @@ from PIL import Image
 from configs import demo as demo_config
 from eva_jax import demo
 from eva_jax.data import video
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The module each stage needs; a stage may be skipped only if one of these is absent.
 STAGE_MODULES = {"vae": ("eva_jax.training.vae", "configs.vae"),
@@ -85,12 +92,12 @@ def test_grpo_stage_uses_the_demos_trust_region_and_configs_grpo_keeps_evas(tmp_
   grpo = demo._override(demo._stage_config("grpo"), demo._grpo_overrides(demo.DemoContext(cfg, tmp_path, {})),
                         "configs/grpo.py:tiny")
   c = cfg.grpo
-  assert (grpo.optim.learning_rate, grpo.train.clip_range) == (c.learning_rate, c.clip_range) == (3e-2, 1e-2)
+  assert (grpo.optim.learning_rate, grpo.train.clip_range) == (c.learning_rate, c.clip_range) == (1e-2, 1e-2)
   assert (grpo.train.num_inner_epochs, grpo.train.timestep_fraction) == (4, 1.0)
   eva = grpo_config.get_config()
   assert (eva.train.clip_range, eva.train.beta, eva.optim.learning_rate) == (1e-5, 0.004, 2e-4)
   assert (eva.train.num_inner_epochs, eva.train.timestep_fraction) == (4, 0.99)
-  assert grpo.train.beta == eva.train.beta  # the KL weight stays EVA's
+  assert (grpo.train.beta, eva.train.beta) == (c.beta, 0.004) == (0.0, 0.004)  # Flow-GRPO's default
 
 
 def test_failed_and_unavailable_stages_are_reported_not_faked(tmp_path, monkeypatch):
@@ -142,10 +149,18 @@ def test_data_stage_and_report(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_shortened_demo_run(tmp_path):
-  summary = demo.run_demo(demo_config.get_config("short"), tmp_path)
+  # Exactly what a user runs (`make demo DEMO_ARGS=--config=configs/demo.py:short`): a process of its own
+  # on one CPU device, not the suite's 8 fake ones, so its numbers are those of docs/demo.md.
+  env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                           os.environ.get("XLA_FLAGS", "")))
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--config=configs/demo.py:short",
+                         f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=1800)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
   st = summary["stages"]
   assert list(st) == ["data", "vae", "idm", "sft", "grpo"]
-  assert json.loads((tmp_path / "summary.json").read_text()) == summary
+  assert summary["short"] and summary["seed"] == 0
   md = (tmp_path / "summary.md").read_text()
   for name in st:
     assert f"| {name} | {st[name]['status']} |" in md
@@ -186,6 +201,12 @@ def test_shortened_demo_run(tmp_path):
     assert np.isfinite(st["sft"]["metrics"]["loss_last"])
   if st["grpo"]["status"] == "done":
     expected |= {"plots/reward_curve.png"}
+    # The rise statistic is reported (its size is not asserted here: the CI-sized run's reward cannot
+    # respond to the policy; docs/demo.md, "GRPO on the toy world").
+    m = st["grpo"]["metrics"]
+    assert m["iterations"] == 4 and m["reward_rise_se"] > 0
+    assert m["reward_rise"] == pytest.approx(m["reward_last"] - m["reward_first"])
+    assert f"reward_rise = {m['reward_rise']:.4g}" in md
   assert expected <= set(files), expected - set(files)
   for f in files:
     path = tmp_path / f
@@ -198,3 +219,13 @@ def test_shortened_demo_run(tmp_path):
     elif f.endswith(".gif"):
       with Image.open(path) as im:
         assert im.n_frames == 17 and im.size == (64, 64)  # gif_scale 2
+
+
+def test_reward_rise_standard_error():
+  # Quarters of 2 iterations; each iteration's mean has squared s.e. std² / (n − 1) with n = 5 rollouts.
+  mean = np.array([1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 3.0, 4.0])
+  std = np.array([2.0, 2.0, 9.0, 9.0, 9.0, 9.0, 4.0, 4.0])
+  r = demo.reward_rise(mean, std, num_rollouts=5)
+  assert (r["reward_first"], r["reward_last"], r["reward_rise"]) == (1.5, 3.5, 2.0)
+  np.testing.assert_allclose(r["reward_rise_se"], np.sqrt(1 + 1 + 4 + 4) / 2)  # quarter means: sum / k
+  assert demo.reward_rise(np.array([2.0]), np.array([0.0]), 1)["reward_rise"] == 0.0
