@@ -169,3 +169,24 @@ def test_generate_dataset_first_index_continues_the_seed_stream(tmp_path):
   ja = [a_ for _, a_ in _read_all(tmp_path / "a", a)]
   for _, jb in _read_all(tmp_path / "b", b):
     assert all(not np.allclose(jb, x) for x in ja)
+
+
+def test_segment_painting_inside_its_box_equals_the_whole_frame():
+  """_paint_segments computes only the box a segment can reach; outside it coverage must be zero, so the
+  result equals the coverage formula evaluated over every pixel (here written out independently)."""
+  rng = np.random.default_rng(0)
+  size, n, radius = 24, 5, 1.7
+  p0 = rng.uniform(-4, size + 4, (n, 2))  # endpoints partly off-frame too
+  p1 = rng.uniform(-4, size + 4, (n, 2))
+  yy, xx = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+  base = rng.uniform(0, 255, (n, size, size, 3))
+  color = np.array([10.0, 200.0, 90.0])
+  got = base.copy()
+  tw._paint_segments(got, yy, xx, p0, p1, radius, color)
+  d = (p1 - p0)[:, None, None]
+  rel = np.stack([xx, yy], -1)[None] - p0[:, None, None]
+  t = np.clip((rel * d).sum(-1) / np.maximum((d ** 2).sum(-1), 1e-9), 0, 1)
+  dist = np.linalg.norm(rel - t[..., None] * d, axis=-1)
+  alpha = np.clip(radius + 0.5 - dist, 0, 1)[..., None]
+  np.testing.assert_allclose(got, base * (1 - alpha) + alpha * color, rtol=1e-12, atol=1e-9)
+  assert (alpha > 0).any() and (alpha == 0).any()
