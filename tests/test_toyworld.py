@@ -176,13 +176,17 @@ def test_segment_painting_inside_its_box_equals_the_whole_frame():
   result equals the coverage formula evaluated over every pixel (here written out independently)."""
   rng = np.random.default_rng(0)
   size, n, radius = 24, 5, 1.7
-  p0 = rng.uniform(-4, size + 4, (n, 2))  # endpoints partly off-frame too
-  p1 = rng.uniform(-4, size + 4, (n, 2))
+  # long segments running off the frame, and short ones well inside it (their round caps decide the box)
+  p0 = np.concatenate([rng.uniform(-4, size + 4, (n, 2)), rng.uniform(6, size - 6, (n, 2))])
+  p1 = np.concatenate([rng.uniform(-4, size + 4, (n, 2)), p0[n:] + rng.uniform(-2, 2, (n, 2))])
+  n *= 2
   yy, xx = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
   base = rng.uniform(0, 255, (n, size, size, 3))
   color = np.array([10.0, 200.0, 90.0])
   got = base.copy()
-  tw._paint_segments(got, yy, xx, p0, p1, radius, color)
+  # one frame per call: the box is shared by a call's frames, so only then is it as tight as it gets
+  for i in range(n):
+    tw._paint_segments(got[i:i + 1], yy, xx, p0[i:i + 1], p1[i:i + 1], radius, color)
   d = (p1 - p0)[:, None, None]
   rel = np.stack([xx, yy], -1)[None] - p0[:, None, None]
   t = np.clip((rel * d).sum(-1) / np.maximum((d ** 2).sum(-1), 1e-9), 0, 1)
