@@ -21,6 +21,7 @@ def write_video(path: str | os.PathLike, frames, fps: float = 16, crf: int = 18)
   """Writes [T, H, W, 3] frames (uint8, or float in [-1, 1]) as an H.264 mp4, atomically.
 
   Odd sizes are padded by one pixel (yuv420p needs even sides). The file appears only when complete.
+  The same frames give the same bytes: see the mbtree note below.
   """
   import av
 
@@ -36,7 +37,10 @@ def write_video(path: str | os.PathLike, frames, fps: float = 16, crf: int = 18)
     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
     stream.width, stream.height = frames.shape[2], frames.shape[1]
     stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": str(crf)}
+    # mbtree=0: x264's macroblock-tree rate control coded the same frames differently from call to
+    # call (PyAV 18.1's libx264, at one thread too; asm=0 also cures it), so the demo's training data,
+    # decoded from these files, changed between runs of one seed. It costs a little bitrate at one crf.
+    stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
     for frame in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
         container.mux(packet)
