@@ -113,6 +113,9 @@ def test_generate_dataset_deterministic_and_readable(tmp_path):
   for (f1, a1), (f2, a2) in zip(eps1, eps2):
     np.testing.assert_array_equal(f1, f2)
     np.testing.assert_array_equal(a1, a2)
+  # The mp4s too, byte for byte: the VAE and SFT stages decode them (video.write_video's mbtree note).
+  for e in s1["episodes"]:
+    assert (tmp_path / "a" / e["video"]).read_bytes() == (tmp_path / "b" / e["video"]).read_bytes(), e["video"]
   assert not np.allclose(eps1[0][1], eps3[0][1])
 
   # Labels: half smooth, every episode has a caption, the last one is the validation split.
