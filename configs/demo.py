@@ -36,7 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # image_size: the IDM's input resize (configs/idm.py:tiny: two stages, a 4×4 map at 32 px).
   c.idm = ml_collections.ConfigDict(dict(num_steps=3000, batch_size=32, learning_rate=3e-3,
                                          image_size=32))
-  c.sft = ml_collections.ConfigDict(dict(num_steps=400, batch_size=8, learning_rate=1e-3))
+  # model: the world model's WanConfig preset, for SFT and GRPO alike. toy-i2v (width 128, 4 layers);
+  # configs/sft.py:tiny's tiny-i2v (width 32, 2 layers) reaches loss ~0.8 and its samples lose the arms
+  # after the first latent frame: the IDM then scores them like decoded noise (2.76 vs 2.76, 64 px
+  # shortened run, seed 0) and GRPO has nothing to improve. toy-i2v: loss 0.45 at 400 steps.
+  c.sft = ml_collections.ConfigDict(dict(num_steps=400, batch_size=8, learning_rate=1e-3,
+                                         model="toy-i2v"))
   # num_conditions: first frames (training rows of the toy CSV) cycled num_prompts per iteration; a
   # divisor of num_prompts · num_iterations / 4 gives the reward curve's first and last quarters the
   # same first frames, so the two are compared on equal footing.
@@ -62,9 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The CI-sized run (tests/test_demo.py): same stages, a few steps each, tiny frames. Batches stay
   # multiples of 8 so they split over 8 devices. Its reward cannot show GRPO's effect: at 32 px (4x4
   # latents) with a 10-step VAE every decoded clip scores alike (IDM reward 4.8 for real, still and
-  # random latents). A shortened run whose reward does respond costs ~7.5 min on 2 cores (64 px, the
-  # VAE's 300 steps, 100 SFT steps, 24 GRPO iterations of 32), and even there the rise is small and
-  # varies from run to run: docs/demo.md, "GRPO on the toy world".
+  # random latents). A shortened run whose reward does respond costs ~10 min on 2 cores (64 px, the
+  # VAE's 300 steps, 400 SFT steps, 24 GRPO iterations of 32): docs/demo.md, "GRPO on the toy world".
   c.shortened = ml_collections.ConfigDict(dict(
       data=dict(num_episodes=32, size=32, n_frames=17, val_fraction=0.125, idm_episodes=960),
       vae=dict(num_steps=10, batch_size=8),

@@ -218,7 +218,7 @@ def _sft_overrides(ctx: DemoContext) -> dict[str, Any]:
           # Crops would move the arms' bases; the toy camera is fixed like RoboTwin's head camera.
           "data.augment": False,
           "seed": ctx.config.seed, "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
-          "optim.learning_rate": c.learning_rate, **_vae_checkpoint(ctx)}
+          "optim.learning_rate": c.learning_rate, "model.preset": c.model, **_vae_checkpoint(ctx)}
 
 
 def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
@@ -236,7 +236,7 @@ def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
           "data.num_conditions": c.num_conditions,
           "data.text_source": sft.text.source, "data.text_tokens": sft.data.max_text_tokens,
           "reward.idm_checkpoint": str(ctx.stage_dir("idm")),
-          "model.checkpoint": str(ctx.stage_dir("sft")),
+          "model.checkpoint": str(ctx.stage_dir("sft")), "model.preset": sft.model.preset,
           "sample.group_size": c.group_size, "sample.num_prompts": c.num_prompts,
           "sample.num_steps": c.num_sampling_steps,
           "sample.latent_frames": 1 + (d.n_frames - 1) // 4,

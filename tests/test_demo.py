@@ -82,6 +82,9 @@ def test_grpo_stage_starts_from_the_toy_csv_with_sfts_conditioning(tmp_path):
   # Frame size 32 -> 4x4 latents; 2 first frames, the same in the first and last reward quarter.
   assert (grpo.sample.latent_height, grpo.sample.latent_width, grpo.sample.latent_frames) == (4, 4, 5)
   assert grpo.data.num_conditions == 2 and grpo.sample.num_prompts * (grpo.num_iterations // 4) % 2 == 0
+  # The policy is the SFT stage's world model: the same DiT preset (the demo's toy-i2v, not tiny-i2v).
+  sft_demo = demo._override(demo._stage_config("sft"), demo._sft_overrides(ctx), "configs/sft.py:tiny")
+  assert grpo.model.preset == sft_demo.model.preset == cfg.sft.model == "toy-i2v"
 
 
 def test_grpo_stage_uses_the_demos_trust_region_and_configs_grpo_keeps_evas(tmp_path):

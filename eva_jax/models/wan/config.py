@@ -95,6 +95,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      rope_max_len=64),
     "tiny-i2v": dict(model_type="i2v", dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=2, in_dim=36,
                      text_dim=24, text_len=512, image_dim=20, rope_max_len=64),
+    # The built-in demo's world model (configs/demo.py): tiny-i2v's conditioning sizes, wide and deep
+    # enough to carry the first frame's arms into the later frames (tiny-i2v's samples lose them).
+    "toy-i2v": dict(model_type="i2v", dim=128, ffn_dim=256, freq_dim=64, num_heads=4, num_layers=4, in_dim=36,
+                    text_dim=24, text_len=512, image_dim=20, rope_max_len=64),
 }
 
 
