@@ -47,8 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # same first frames, so the two are compared on equal footing.
   # Trust region: EVA's (clip 1e-5; configs/grpo.py:tiny lr 1e-3, 2 inner epochs) is sized for 100
   # epochs of a 14B model; on the tiny DiT it leaves the policy where SFT put it (approx_kl ~1e-10, flat
-  # reward). lr 3e-2, clip 1e-2 move it: on four full-demo draws lr 3e-2 raised the reward by +0.47,
-  # +0.37, +0.27 and +0.01 (last vs first quarter), lr 1e-2 by +0.02, +0.22, +0.06 and +0.12.
+  # reward). lr 3e-2, clip 1e-2 move it: on four full-demo draws with the tiny-i2v world model lr 3e-2
+  # raised the reward by +0.47, +0.37, +0.27 and +0.01 (last vs first quarter), lr 1e-2 by +0.02,
+  # +0.22, +0.06 and +0.12; with toy-i2v, +0.77 (seed 0), but by erasing the arms (docs/demo.md).
   # timestep_fraction 1: EVA trains 39 of 40 steps; int(0.99·10) would leave the last step (σ 0.25 -> 0,
   # the largest noise of the 10-step schedule) untrained. beta 0 (Flow-GRPO's own default; EVA: 0.004):
   # EVA's KL pull holds the toy policy ~0.05 from the SFT model, where it balances the reward's (64 px
