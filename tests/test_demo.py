@@ -96,7 +96,7 @@ def test_grpo_stage_uses_the_demos_trust_region_and_configs_grpo_keeps_evas(tmp_
                         "configs/grpo.py:tiny")
   c = cfg.grpo
   assert (grpo.optim.learning_rate, grpo.train.clip_range) == (c.learning_rate, c.clip_range) == (3e-2, 1e-2)
-  assert (grpo.train.num_inner_epochs, grpo.train.timestep_fraction) == (4, 1.0)
+  assert (grpo.train.num_inner_epochs, grpo.train.timestep_fraction) == (2, 1.0)
   eva = grpo_config.get_config()
   assert (eva.train.clip_range, eva.train.beta, eva.optim.learning_rate) == (1e-5, 0.004, 2e-4)
   assert (eva.train.num_inner_epochs, eva.train.timestep_fraction) == (4, 0.99)
