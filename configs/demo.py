@@ -51,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # raised the reward by +0.47, +0.37, +0.27 and +0.01 (last vs first quarter), lr 1e-2 by +0.02,
   # +0.22, +0.06 and +0.12; with toy-i2v, +0.77 (seed 0), but by erasing the arms (docs/demo.md).
   # num_inner_epochs 2 (those figures: 4): with toy-i2v an update of 4 epochs takes 29 s of each
-  # 33 s iteration on 2 cores, and the whole demo 17.5 min; 2 keep it under 15.
+  # 33 s iteration on 2 idle cores, which would make the whole demo ~17.5 min (the stages before
+  # GRPO took 473 s); 2 epochs halve the update.
   # timestep_fraction 1: EVA trains 39 of 40 steps; int(0.99·10) would leave the last step (σ 0.25 -> 0,
   # the largest noise of the 10-step schedule) untrained. beta 0 (Flow-GRPO's own default; EVA: 0.004):
   # EVA's KL pull holds the toy policy ~0.05 from the SFT model, where it balances the reward's (64 px
