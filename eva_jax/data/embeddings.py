@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -52,13 +53,21 @@ def save_array(path: str | os.PathLike, array, dtype: Any = np.float32) -> Path:
   return path
 
 
+# np.load parses the .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not
+# thread-safe ("SystemError: AST constructor recursion depth mismatch", seen in the demo's SFT stage when
+# Grain's worker threads loaded cached latents together). The files are small: load one at a time.
+_NPY_LOCK = threading.Lock()
+
+
 def load_array(path: str | os.PathLike) -> np.ndarray:
   """float32 array from .npy, .safetensors (its only / first tensor) or an original EVA `.pt` file."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"cached embedding {path} does not exist")
   if path.suffix == ".npy":
-    return np.load(path).astype(np.float32)
+    with _NPY_LOCK:
+      array = np.load(path)
+    return array.astype(np.float32)
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     tensors = load_file(str(path))
