@@ -17,7 +17,7 @@ stage trainers (which config fields it sets, where it reads their results) is in
 "MARK: stage wiring", so a change of a trainer's config needs an edit there only.
 
   python scripts/demo.py                       # or: make demo
-  python scripts/demo.py --config.short=True   # CI-sized
+  python scripts/demo.py --config.short=True   # the shortened run the tests use
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The built-in end-to-end EVA demo on the procedural toy world (`make demo`).
 
   python scripts/demo.py                                    # writes outputs/<date>/<time>/
-  python scripts/demo.py --config.short=True                # the CI-sized run
+  python scripts/demo.py --config.short=True                # the shortened run the tests use
   python scripts/demo.py --config.seed=1 --workdir=outputs/my_demo
 
 Stages and sizes: configs/demo.py; the work is done by eva_jax.demo.run_demo.
