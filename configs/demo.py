@@ -6,8 +6,8 @@
 
 Stages: toy data → tiny VAE fitted to the toy frames (configs/vae.py:tiny) → IDM (configs/idm.py:tiny)
 → SFT world model (configs/sft.py:tiny) → Flow-GRPO with the IDM reward (configs/grpo.py:tiny) → report.
-Each stage runs the real trainer with its tiny config; the fields below only size the run. `short` swaps in the `shortened` values (also when set from the
-command line, so `--config.short=True` works).
+Each stage runs the real trainer with its tiny config; the fields below only size the run. `short`
+swaps in the `shortened` values (also when set from the command line, so `--config.short=True` works).
 """
 
 from __future__ import annotations
