@@ -252,6 +252,7 @@ def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
 # Keys of the trainers' metrics.jsonl that the report reads.
 SFT_LOSS = "loss"
 GRPO_REWARD_MEAN, GRPO_REWARD_STD = "reward_mean", "reward_std"
+GRPO_PENALTIES = ("penalty_jerk", "penalty_acc", "penalty_vlim", "penalty_alim")  # per-iteration means
 
 
 def stage_vae(ctx: DemoContext) -> StageResult:
@@ -349,6 +350,7 @@ def stage_grpo(ctx: DemoContext) -> StageResult:
   std = np.array([float(r.get(GRPO_REWARD_STD, 0.0)) for r in records])
   metrics = dict(reward_rise(mean, std, cfg.sample.group_size * cfg.sample.num_prompts),
                  iterations=len(mean))
+  metrics.update(penalty_quarters(records))
   outputs = {"steps": steps, "reward_mean": mean, "reward_std": std}
   outputs.update(_before_after(ctx, cfg))
   for tag in ("before", "after"):
@@ -372,6 +374,18 @@ def reward_rise(mean: np.ndarray, std: np.ndarray, num_rollouts: int) -> dict[st
   se = np.sqrt(var[:k].sum() + var[-k:].sum()) / k
   return {"reward_first": float(first), "reward_last": float(last), "reward_rise": float(last - first),
           "reward_rise_se": float(se)}
+
+
+def penalty_quarters(records: list[dict[str, Any]]) -> dict[str, float]:
+  """The reward's penalty terms (jerk, acceleration, limits), mean of the first quarter of the GRPO
+  iterations and of the last, as `reward_rise` splits the reward: what "smoother" means in numbers."""
+  k = max(1, len(records) // 4)
+  out = {}
+  for key in GRPO_PENALTIES:
+    values = [float(r[key]) for r in records if key in r]
+    if values and len(values) == len(records):
+      out[f"{key}_first"], out[f"{key}_last"] = float(np.mean(values[:k])), float(np.mean(values[-k:]))
+  return out
 
 
 def _before_after(ctx: DemoContext, grpo_cfg) -> dict[str, np.ndarray]:

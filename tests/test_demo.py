@@ -213,6 +213,7 @@ def test_shortened_demo_run(tmp_path):
     assert m["iterations"] == 24 and m["reward_rise_se"] > 0
     assert m["reward_rise"] == pytest.approx(m["reward_last"] - m["reward_first"])
     assert m["reward_rise"] > 3 * m["reward_rise_se"], m
+    assert m["penalty_jerk_last"] < m["penalty_jerk_first"], m  # smoother, in the reward's own terms
     assert f"reward_rise = {m['reward_rise']:.4g}" in md
   assert expected <= set(files), expected - set(files)
   for f in files:
@@ -236,3 +237,11 @@ def test_reward_rise_standard_error():
   assert (r["reward_first"], r["reward_last"], r["reward_rise"]) == (1.5, 3.5, 2.0)
   np.testing.assert_allclose(r["reward_rise_se"], np.sqrt(1 + 1 + 4 + 4) / 2)  # quarter means: sum / k
   assert demo.reward_rise(np.array([2.0]), np.array([0.0]), 1)["reward_rise"] == 0.0
+
+
+def test_penalty_quarters():
+  records = [{"penalty_jerk": j, "penalty_acc": 1.0} for j in (8.0, 6.0, 5.0, 5.0, 5.0, 5.0, 2.0, 0.0)]
+  q = demo.penalty_quarters(records)
+  assert q == {"penalty_jerk_first": 7.0, "penalty_jerk_last": 1.0,
+               "penalty_acc_first": 1.0, "penalty_acc_last": 1.0}  # absent terms are left out
+  assert demo.penalty_quarters(records[:1] + [{}]) == {}  # not logged every iteration: not compared
