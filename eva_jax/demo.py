@@ -360,6 +360,13 @@ def stage_grpo(ctx: DemoContext) -> StageResult:
                      outputs=outputs)
 
 
+def _first_and_last_quarter(values) -> tuple[np.ndarray, np.ndarray]:
+  """The first and the last quarter (at least one entry each) of a per-iteration series."""
+  values = np.asarray(values, np.float64)
+  k = max(1, len(values) // 4)
+  return values[:k], values[-k:]
+
+
 def reward_rise(mean: np.ndarray, std: np.ndarray, num_rollouts: int) -> dict[str, float]:
   """Mean reward of the last quarter of the iterations against the first, with its standard error.
 
@@ -367,24 +374,23 @@ def reward_rise(mean: np.ndarray, std: np.ndarray, num_rollouts: int) -> dict[st
   not single iterations, are compared because one iteration's mean is noisy; the standard error is
   that of the two quarter means (each iteration's mean: std / sqrt(n − 1)), independent rollouts.
   """
-  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-  k = max(1, len(mean) // 4)
-  var = np.square(std) / max(num_rollouts - 1, 1)  # each iteration mean's squared standard error
-  first, last = mean[:k].mean(), mean[-k:].mean()
-  se = np.sqrt(var[:k].sum() + var[-k:].sum()) / k
-  return {"reward_first": float(first), "reward_last": float(last), "reward_rise": float(last - first),
-          "reward_rise_se": float(se)}
+  first, last = _first_and_last_quarter(mean)
+  var = np.square(np.asarray(std, np.float64)) / max(num_rollouts - 1, 1)  # each iteration mean's s.e.²
+  var_first, var_last = _first_and_last_quarter(var)
+  se = np.sqrt(var_first.sum() + var_last.sum()) / len(first)
+  return {"reward_first": float(first.mean()), "reward_last": float(last.mean()),
+          "reward_rise": float(last.mean() - first.mean()), "reward_rise_se": float(se)}
 
 
 def penalty_quarters(records: list[dict[str, Any]]) -> dict[str, float]:
   """The reward's penalty terms (jerk, acceleration, limits), mean of the first quarter of the GRPO
   iterations and of the last, as `reward_rise` splits the reward: what "smoother" means in numbers."""
-  k = max(1, len(records) // 4)
   out = {}
   for key in GRPO_PENALTIES:
     values = [float(r[key]) for r in records if key in r]
     if values and len(values) == len(records):
-      out[f"{key}_first"], out[f"{key}_last"] = float(np.mean(values[:k])), float(np.mean(values[-k:]))
+      first, last = _first_and_last_quarter(values)
+      out[f"{key}_first"], out[f"{key}_last"] = float(first.mean()), float(last.mean())
   return out
 
 
