@@ -50,9 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Trust region: EVA's (clip 1e-5; configs/grpo.py:tiny lr 1e-3, 2 inner epochs) is sized for 100
   # epochs of a 14B model; on the toy DiT it leaves the policy where SFT put it (approx_kl ~1e-10, flat
   # reward). lr 1e-2, clip 1e-2 and EVA's 4 inner epochs move it within the demo's minutes: on the full
-  # demo (17 frames) the reward rose +0.37 ± 0.03 (seed 0) and +1.22 ± 0.04 (seed 1), last quarter vs
-  # first, and the aligned samples still show the arms. 4 sampling steps (EVA: 40) keep an iteration at
-  # ~9 s on 2 cores; 24 iterations of 32 rollouts (16 of each of 2 first frames) lift the rise above the
+  # demo (17 frames) the reward rose +0.25 ± 0.03, +0.79 ± 0.05 and +0.68 ± 0.04 (seeds 0, 1, 2), last
+  # quarter vs first, and the aligned samples still show the arms. 4 sampling steps (EVA: 40) keep an
+  # iteration at ~5.6 s on 2 cores; 24 iterations of 32 rollouts (16 of each of 2 first frames) lift the rise above the
   # rollout noise (with 8 rollouts it was lost on some seeds).
   # timestep_fraction 1: EVA trains 39 of 40 steps; int(0.99·4) would leave the last step untrained.
   # beta 0 (Flow-GRPO's own default; EVA: 0.004): EVA's KL pull holds the toy policy ~0.05 from the SFT
