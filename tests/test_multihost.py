@@ -3,6 +3,7 @@ jax.distributed (gloo collectives), save a sharded orbax checkpoint from both pr
 launch restores it and continues."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -16,7 +17,10 @@ def _launch(workdir, data_root, steps):
          f"--config.data.data_root={data_root}", f"--config.train.num_steps={steps}",
          "--config.train.checkpoint_every=2", "--config.train.log_every=1", "--config.eval.every=1000",
          "--config.train.batch_size=8", f"--workdir={workdir}"]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  # the second launch runs the first one's programs: a compilation cache shared by the launches compiles
+  # them once (145 s -> 121 s for this test on 2 cores)
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "xla_cache"))
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_two_processes_train_save_and_resume(tmp_path):

@@ -37,7 +37,8 @@ def run(size: str, args) -> dict:
     return optax.apply_updates(params, upd), opt, l
 
   results = {}
-  counts = [n for n in (1, 2, 4, 8) if n <= jax.device_count()]
+  sweep = (1, 8) if getattr(args, "quick", False) else (1, 2, 4, 8)  # --quick (tests): the two ends
+  counts = [n for n in sweep if n <= jax.device_count()]
   for n in counts:
     mesh = parallel.make_mesh({"data": n}, devices=jax.devices()[:n])
     p = jax.device_put(params, parallel.state_shardings(params, mesh))
