@@ -1,7 +1,7 @@
 """The built-in end-to-end demo on the procedural toy world (`make demo`).
 
   python scripts/demo.py                                   # full demo, ≤ 15 min on 2 CPU cores
-  python scripts/demo.py --config=configs/demo.py:short    # the shortened run the tests use (~10 min)
+  python scripts/demo.py --config=configs/demo.py:short    # the shortened run the tests use (9.4 min)
   python scripts/demo.py --config.short=True --config.seed=1 --workdir=outputs/demo
 
 Stages: toy data → tiny VAE fitted to the toy frames (configs/vae.py:tiny) → IDM (configs/idm.py:tiny)
