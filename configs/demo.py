@@ -52,8 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # reward). lr 1e-2, clip 1e-2 and EVA's 4 inner epochs move it within the demo's minutes: on the full
   # demo (17 frames) the reward rose +0.25 ± 0.03, +0.79 ± 0.05 and +0.68 ± 0.04 (seeds 0, 1, 2), last
   # quarter vs first, and the aligned samples still show the arms. 4 sampling steps (EVA: 40) keep an
-  # iteration at ~5.6 s on 2 cores; 24 iterations of 32 rollouts (16 of each of 2 first frames) lift the rise above the
-  # rollout noise (with 8 rollouts it was lost on some seeds).
+  # iteration at ~5.6 s on 2 cores; 24 iterations of 32 rollouts (16 of each of 2 first frames) lift
+  # the rise above the rollout noise (with 8 rollouts it was lost on some seeds).
   # timestep_fraction 1: EVA trains 39 of 40 steps; int(0.99·4) would leave the last step untrained.
   # beta 0 (Flow-GRPO's own default; EVA: 0.004): EVA's KL pull holds the toy policy ~0.05 from the SFT
   # model, where it balances the reward's (64 px shortened run, seed 0: rise +0.30 with 0.004, +0.56

@@ -98,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The built-in demo's world model (configs/demo.py): tiny-i2v's conditioning sizes, wide and deep
     # enough to carry the first frame's arms into the later frames (tiny-i2v's samples lose them).
     # text_len 16: the demo's text is 16 tokens (configs/sft.py:tiny, max_text_tokens); padded to 512,
-    # the zero keys made the text cross-attention most of the work (GRPO update 8.1 s -> 3.8 s per
+    # the zero keys made the text cross-attention most of the work (GRPO update 8.1 s -> 3.7 s per
     # iteration on 2 CPU cores, docs/demo.md).
     "toy-i2v": dict(model_type="i2v", dim=128, ffn_dim=256, freq_dim=64, num_heads=4, num_layers=4, in_dim=36,
                     text_dim=24, text_len=16, image_dim=20, rope_max_len=64),
