@@ -21,9 +21,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del c.data                          # requests bring the images
   c.use_mesh = False
   c.idm = ml_collections.ConfigDict(dict(
-      checkpoint="",                  # IDM_singleview.pt (release layout) or a scripts/train_idm.py run directory
-      train_config="",                # configs/idm.py variant the orbax checkpoint was trained with (orbax only)
-      preset="resnet50"))             # architecture for random init (tiny smoke runs)
+      checkpoint="",                  # any IDM source of eva_jax.weights: IDM_singleview.pt, a train_idm run dir
+      preset="resnet50"))             # architecture for random init and for orbax dirs without a config.json
   c.server = ml_collections.ConfigDict(dict(
       host="127.0.0.1", port=8000,
       batch_size=2,                   # requests with equal options are batched up to this size

@@ -8,7 +8,7 @@ Kinds dispatch lazily to convert.wan (dit, vae), convert.clip, convert.umt5 and 
 builder `eva_jax.models.<module>.<kind>_config(name, **overrides)`. The DiT is streamed: source tensors are read
 one at a time (safetensors `safe_open`, `torch.load(mmap=True)`), each output parameter (per-layer tensors
 stacked) is written with orbax partial saves as soon as it is complete, so peak memory stays near the largest
-stacked tensor (40 x 5120 x 13824 for the 14B FFN), not the model. Load with `eva_jax.models.wan.load_dit`.
+stacked tensor (40 x 5120 x 13824 for the 14B FFN), not the model. Load with `eva_jax.weights.load("dit", out, cfg)`.
 """
 
 from __future__ import annotations

@@ -3,13 +3,11 @@
     from configs.infer import get_config
     videos = run_inference(get_config('tiny'), workdir=None)   # outputs/<date>/<time>/videos/*.mp4
 
-Models are built from `config.model` (presets) and `config.ckpt` (weights), each one of:
-  * ''                  random init (only with `ckpt.random_init=True`: tiny smoke runs, benchmarks);
-  * an orbax directory  written by `python -m convert --kind {dit,vae,clip,umt5}`; read straight into
-                        the (sharded) parameters;
-  * PyTorch weights     converted on the fly by convert.* through `convert.io.open_state_dict`
-                        (.pth/.pt/.ckpt, .safetensors, a directory of shards); a Lightning .ckpt such as
-                        EVA's `tuned_ckpt_path` is unwrapped and its 'model.' prefix recognised.
+Models are built from `config.model` (presets) and `config.ckpt` (weights), each any source that
+`eva_jax.weights.load` takes (docs/models.md): PyTorch files or folders converted on the fly (a Lightning
+.ckpt such as EVA's `tuned_ckpt_path` is unwrapped and its 'model.' prefix recognised), an orbax
+directory from `python -m convert`, or '' for random weights (only with `ckpt.random_init=True`: tiny
+smoke runs, benchmarks).
 `ckpt.tuned` (EVA's fine-tuned DiT, e.g. eva_i2v_14B.ckpt) replaces the DiT weights of `ckpt.dit`.
 
 The image_csv (spec/eva.md F.2) has columns `image_path,height,width,fps,n_frames,caption`; each
@@ -24,14 +22,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import pathlib
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eva_jax.utils.tree import keyed_like, string_keys
+from eva_jax import weights
 
 IMAGE_CSV_COLUMNS = ("image_path", "height", "width", "fps", "n_frames", "caption")
 
@@ -92,65 +90,20 @@ def load_first_frame(path: str | pathlib.Path, height: int, width: int) -> np.nd
   return img / 127.5 - 1.0
 
 
-# MARK: weights
+# MARK: models
 
-def is_converted_checkpoint(path: str | pathlib.Path) -> bool:
-  """An orbax checkpoint written by `python -m convert` (has eva_convert.json or orbax metadata)."""
-  path = pathlib.Path(path)
-  return path.is_dir() and any((path / n).exists() for n in ("eva_convert.json", "_CHECKPOINT_METADATA",
-                                                              "_METADATA"))
+def _dtype(name: str):
+  return jnp.dtype(name)  # raises on an unknown dtype name
 
 
-def load_converted(path: str | pathlib.Path, build, mesh=None):
-  """The module `build()` makes, with parameters read from a converted orbax checkpoint, placed by
-  their logical axis names on `mesh` (or on the first device) straight from disk."""
-  from orbax.checkpoint.experimental import v1 as ocp
-  from eva_jax.parallel.sharding import state_shardings
-  graphdef, state = nnx.split(nnx.eval_shape(build))
-  pure = nnx.to_pure_dict(state)
-  if mesh is not None:
-    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
-  else:
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: one, pure)
-  targets = jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), pure, shardings)
-  nnx.replace_by_pure_dict(state, keyed_like(ocp.load(str(pathlib.Path(path).absolute()), string_keys(targets)),
-                                         targets))
-  return nnx.merge(graphdef, state)
-
-
-def _load_into(build, convert_fn, cfg, path: str, name: str, random_init: bool, mesh=None):
-  """Random weights (path ''), a converted orbax checkpoint, or PyTorch weights converted on the fly."""
-  if not path:
-    if not random_init:
-      raise ValueError(f"config.ckpt.{name} is empty and config.ckpt.random_init is False: give a checkpoint "
-                       "(orbax directory from `python -m convert`, or PyTorch weights)")
-    return build()
-  if is_converted_checkpoint(path):
-    return load_converted(path, build, mesh)
-  from convert.io import open_state_dict
-  weights = convert_fn(open_state_dict(path), cfg)  # strict: missing/unexpected keys or shapes raise
-  graphdef, state = nnx.split(nnx.eval_shape(build))
-  _check_tree(nnx.to_pure_dict(state), weights, f"config.ckpt.{name}={path}")
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, weights))
-  return nnx.merge(graphdef, state)
-
-
-def _check_tree(expected: Mapping, found: Mapping, where: str, prefix: str = "") -> None:
-  """Same keys and shapes; names the first key that differs."""
-  for k in expected:
-    if k not in found:
-      raise KeyError(f"{where}: missing parameter {prefix}{k}")
-    e, f = expected[k], found[k]
-    if isinstance(e, Mapping):
-      if not isinstance(f, Mapping):
-        raise KeyError(f"{where}: {prefix}{k} should be a subtree")
-      _check_tree(e, f, where, f"{prefix}{k}/")
-    elif tuple(np.shape(f)) != tuple(e.shape):
-      raise ValueError(f"{where}: {prefix}{k} has shape {tuple(np.shape(f))}, expected {tuple(e.shape)}")
-  extra = sorted(set(found) - set(expected))
-  if extra:
-    raise KeyError(f"{where}: unexpected parameter(s) {[prefix + str(k) for k in extra]}")
+def _source(config, name: str, path: str) -> str:
+  """config.ckpt.<name> as an `eva_jax.weights` source: '' means random weights, only when allowed."""
+  if path:
+    return path
+  if not config.ckpt.random_init:
+    raise ValueError(f"config.ckpt.{name} is empty and config.ckpt.random_init is False: give a checkpoint "
+                     "(a PyTorch file or folder, or an orbax directory from `python -m convert`)")
+  return "random"
 
 
 @dataclasses.dataclass
@@ -160,37 +113,24 @@ class Models:
   clip: Any
 
 
-def _dtype(name: str):
-  return jnp.dtype(name)  # raises on an unknown dtype name
-
-
 def build_text_encoder(config, mesh=None):
   """(umT5 encoder, tokenizer) from config.model.umt5 / config.ckpt.{umt5, tokenizer}."""
-  from convert.umt5 import convert_umt5_state_dict
   from eva_jax.models import tokenizer as tok_lib
-  from eva_jax.models.umt5 import UMT5Encoder, umt5_config
+  from eva_jax.models.umt5 import umt5_config
   m, c = config.model, config.ckpt
   cfg = umt5_config(m.umt5, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
-  enc = _load_into(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(3)), convert_umt5_state_dict, cfg, c.umt5, "umt5",
-                   c.random_init, mesh)
+  enc = weights.load_module("umt5", _source(config, "umt5", c.umt5), cfg, mesh=mesh, seed=3)
   return enc, tok_lib.T5Tokenizer(c.tokenizer, max_length=cfg.text_len)
 
 
 def build_models(config, text_dim: int, mesh=None) -> Models:
   """DiT, VAE and CLIP from `config.model` / `config.ckpt` (see the module docstring)."""
-  from convert.clip import convert_clip_state_dict
-  from convert.wan_dit import convert_dit_state_dict
-  from convert.wan_vae import convert_vae_state_dict
-  from eva_jax.models.clip import CLIPVisionEncoder, clip_config
-  from eva_jax.models.vae import WanVAE, vae_config
-  from eva_jax.models.wan import WanModel, wan_config
+  from eva_jax.models.clip import clip_config
+  from eva_jax.models.vae import vae_config
+  from eva_jax.models.wan import wan_config
   m, c = config.model, config.ckpt
   clip_cfg = clip_config(m.clip, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
-  clip = _load_into(lambda: CLIPVisionEncoder(clip_cfg, rngs=nnx.Rngs(2)), convert_clip_state_dict, clip_cfg,
-                    c.clip, "clip", c.random_init, mesh)
   vae_cfg = vae_config(m.vae)  # float32, as the reference runs the VAE
-  vae = _load_into(lambda: WanVAE(vae_cfg, rngs=nnx.Rngs(1)), convert_vae_state_dict, vae_cfg, c.vae, "vae",
-                   c.random_init, mesh)
   overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, **dict(m.dit_overrides))
   dit_cfg = wan_config(m.dit, **overrides)
   if dit_cfg.text_dim != text_dim:
@@ -199,14 +139,12 @@ def build_models(config, text_dim: int, mesh=None) -> Models:
   if dit_cfg.is_i2v and dit_cfg.image_dim != clip_cfg.width:
     raise ValueError(f"the DiT ({m.dit}) takes image_dim={dit_cfg.image_dim}, CLIP ({m.clip}) gives "
                      f"{clip_cfg.width} (config.model.dit_overrides.image_dim)")
-  convert = lambda sd, cfg: convert_dit_state_dict(sd, cfg)  # Lightning 'model.' keys are detected there
-  dit_path = c.tuned or c.dit  # EVA's tuned checkpoint holds the whole DiT: it replaces the base weights
-  if dit_path and is_converted_checkpoint(dit_path):
-    from eva_jax.models.wan import load_dit
-    dit = load_dit(dit_path, dit_cfg, mesh)
-  else:
-    dit = _load_into(lambda: WanModel(dit_cfg, rngs=nnx.Rngs(0)), convert, dit_cfg, dit_path,
-                     "tuned" if c.tuned else "dit", c.random_init, mesh)
+  clip = weights.load_module("clip", _source(config, "clip", c.clip), clip_cfg, mesh=mesh, seed=2)
+  vae = weights.load_module("vae", _source(config, "vae", c.vae), vae_cfg, mesh=mesh, seed=1)
+  # EVA's tuned checkpoint (eva_i2v_14B.ckpt, Lightning 'model.' keys) holds the whole DiT: it replaces
+  # the base weights, as the original's from_config + load_state_dict does.
+  dit_name = "tuned" if c.tuned else "dit"
+  dit = weights.load_module("dit", _source(config, dit_name, c.tuned or c.dit), dit_cfg, mesh=mesh, seed=0)
   if c.get("lora"):  # a GRPO adapter (lora_adapter/ or best_reward/, PEFT layout) merged into the DiT
     from eva_jax.models.lora import merge_peft
     merged = merge_peft(dit, c.lora)

@@ -146,9 +146,8 @@ def build_planner(config, workdir=None) -> Planner:
   import pathlib
 
   import jax.numpy as jnp
-  from flax import nnx
 
-  from eva_jax import inference
+  from eva_jax import inference, weights
   from eva_jax.diffusion.sampler import I2VSampler, SamplerConfig
   from eva_jax.models import idm as idm_lib
   from eva_jax.models import tokenizer as tok_lib
@@ -163,14 +162,11 @@ def build_planner(config, workdir=None) -> Planner:
   encoder, tokenizer = inference.build_text_encoder(config)
   neg = encode_prompts(encoder, tokenizer, [config.neg_prompt])
   models = inference.build_models(config, text_dim=neg.shape[-1])
-  if config.idm.checkpoint:
-    from eva_jax.training.idm import load_trained_idm
-    idm = load_trained_idm(config.idm.checkpoint, config.idm.train_config or None)
-  else:
-    if not config.ckpt.random_init:
-      raise ValueError("config.idm.checkpoint is empty: give an IDM checkpoint (IDM_singleview.pt or a train_idm run)")
-    idm = idm_lib.IDM(idm_lib.idm_config(config.idm.preset), rngs=nnx.Rngs(4))
-  idm.eval()
+  if not config.idm.checkpoint and not config.ckpt.random_init:
+    raise ValueError("config.idm.checkpoint is empty: give an IDM checkpoint (IDM_singleview.pt or a train_idm run)")
+  # A train_idm run gives its architecture in config.json; the release .pt states its own.
+  idm = weights.load_module("idm", config.idm.checkpoint or "random",
+                            default_cfg=idm_lib.idm_config(config.idm.preset), seed=4)
   batch = int(config.server.batch_size)
   base = dict(config.sampler)
 

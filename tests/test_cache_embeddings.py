@@ -179,16 +179,15 @@ def test_build_model_from_torch_and_orbax_checkpoints(tmp_path):
   torch.save(hf.state_dict(), tmp_path / "t5.pth")
   want = convert_umt5_state_dict(hf.state_dict(), cfg)
   cli_convert("umt5", str(tmp_path / "t5.pth"), str(tmp_path / "t5_orbax"), config="tiny")  # python -m convert
-  make = lambda r: UMT5Encoder(cfg, rngs=r)
   for init, path in (("torch", tmp_path / "t5.pth"), ("orbax", tmp_path / "t5_orbax")):
     sub = get_config("tiny").umt5
     sub.update(init=init, path=str(path))
-    model = embeddings.build_model(make, sub, cfg, convert_umt5_state_dict, "umt5", seed=0)
+    model = embeddings.build_model("umt5", sub, cfg, seed=0)
     got = nnx.to_pure_dict(nnx.state(model))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))), init
   sub.update(path=str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    embeddings.build_model(make, sub, cfg, convert_umt5_state_dict, "umt5", seed=0)
+    embeddings.build_model("umt5", sub, cfg, seed=0)
 
 
 def test_first_frame_from_image_and_robotwin_episode(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from eva_jax import parallel
 from eva_jax.models.wan.attention import attention
-from eva_jax.parallel.context import ulysses_attention
+from eva_jax.models.wan.context_parallel import ulysses_attention
 from tests.utils import rel_err
 
 

@@ -1,4 +1,5 @@
-"""The DiT converter (convert.wan_dit), the streaming readers (convert.io), the CLI and load_dit."""
+"""The DiT converter (convert.wan_dit), the streaming readers (convert.io), the CLI, and loading its output
+through eva_jax.weights."""
 
 import json
 import os
@@ -15,7 +16,8 @@ from convert.cli import main as cli_main
 from convert.io import open_state_dict
 from convert.wan_dit import convert_dit_state_dict, detect_layout
 from eva_jax.models.lora import LoRAParam
-from eva_jax.models.wan import WanModel, load_dit, wan_config
+from eva_jax import weights
+from eva_jax.models.wan import WanModel, wan_config
 from eva_jax.parallel import make_mesh
 from tests.test_wan_dit import diffusers_model, inputs, run, to_original_layout
 from tests.utils import rel_err
@@ -128,7 +130,7 @@ def test_cli_round_trip(sd, tmp_path):
                    "--config", "tiny-i2v", "--quiet"]) == 0
   summary = json.loads((tmp_path / "ck1" / "eva_convert.json").read_text())
   assert summary["layout"] == "diffusers" and summary["params"] > 0
-  out = run(load_dit(str(tmp_path / "ck1"), cfg), *args)
+  out = run(weights.load_module("dit", tmp_path / "ck1", cfg), *args)
   np.testing.assert_array_equal(out, ref)
 
   # (b) Lightning .ckpt (original names under 'model.'), unscanned layout, stored as bfloat16
@@ -137,7 +139,7 @@ def test_cli_round_trip(sd, tmp_path):
   assert cli_main(["--kind", "dit", "--src", str(tmp_path / "eva.ckpt"), "--out", str(tmp_path / "ck2"),
                    "--config", "tiny-i2v", "--set", "scan_layers=False", "--dtype", "bfloat16", "--quiet"]) == 0
   cfg2 = wan_config("tiny-i2v", scan_layers=False)
-  model2 = load_dit(str(tmp_path / "ck2"), cfg2)
+  model2 = weights.load_module("dit", tmp_path / "ck2", cfg2)
   q = model2.blocks[1].self_attn.q.kernel[...]
   assert q.dtype == jnp.float32      # restored into cfg.param_dtype
   np.testing.assert_array_equal(
@@ -145,13 +147,13 @@ def test_cli_round_trip(sd, tmp_path):
   assert rel_err(run(model2, *args), ref) <= 2e-2   # bf16-rounded weights
 
 
-def test_load_dit_sharded_with_lora(sd, tmp_path):
+def test_converted_dit_loads_sharded_with_fresh_lora(sd, tmp_path):
   _write_sharded(sd, tmp_path / "st", n_shards=1)
   cli_main(["--kind", "dit", "--src", str(tmp_path / "st"), "--out", str(tmp_path / "ck"),
             "--config", "tiny-i2v", "--quiet"])
   mesh = make_mesh({"data": 2, "fsdp": 4})
   cfg = wan_config("tiny-i2v", lora_rank=4)
-  model = load_dit(str(tmp_path / "ck"), cfg, mesh=mesh)
+  model = weights.load_module("dit", tmp_path / "ck", cfg, mesh=mesh)
   kernel = model.blocks.ffn.fc1.kernel[...]                               # [layers, embed, mlp]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   assert np.all(np.asarray(model.blocks.self_attn.q.lora_b[...]) == 0)

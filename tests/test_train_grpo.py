@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from configs import grpo as grpo_config
+from eva_jax.data import conditions
 from eva_jax.models.idm import IDM, idm_config
 from eva_jax.training import grpo
 from eva_jax.training.checkpoints import Checkpointer
@@ -63,8 +64,9 @@ def test_tiny_grpo_end_to_end_ratio_one_and_resume(tmp_path):
   for sub in ("idm_plots", "videos", "lora_adapter", "best_reward"):
     assert any((wd / sub).iterdir()), sub
   assert (wd / "lora_adapter" / "adapter_model.safetensors").exists()
-  from eva_jax.training.sft import restore_tree
-  assert int(restore_tree(wd / "lora_adapter" / "orbax")["iteration"]) == 2
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ck:
+    assert int(ck.restore((wd / "lora_adapter" / "orbax").absolute())["iteration"]) == 2
   assert sorted(p.name for p in (wd / "idm_plots").iterdir())[0].endswith(".png")
 
   # The LoRA adapters trained (B factors start at zero).
@@ -108,7 +110,7 @@ def test_csv_conditions_encode_first_frames(tmp_path):
   c.data.update(dict(kind="csv", data_root=str(tmp_path), metadata_path="meta.csv", num_conditions=2))
   gdef, state = grpo.build_vae(c, make_mesh({"data": -1}))
   wan_cfg = wan_config("tiny-i2v")
-  first, cond = grpo.csv_conditions(c, wan_cfg, gdef, state)
+  first, cond = conditions.csv_conditions(c, wan_cfg, gdef, state)
   assert first.shape == (2, 1, 4, 4, 16) and cond["clip_fea"].shape == (2, 257, wan_cfg.image_dim)
   assert not np.allclose(first[0], first[1])                       # different first frames
   # The text stand-in is SFT's: a fixed Gaussian per caption (crc32 seed).
@@ -136,7 +138,7 @@ def test_csv_conditions_match_what_sft_trained_on(tmp_path):
   mesh = make_mesh({"data": -1})
   gdef, state = grpo.build_vae(c, mesh)
   wan_cfg = wan_config("tiny-i2v")
-  first, cond = grpo.csv_conditions(c, wan_cfg, gdef, state)
+  first, cond = conditions.csv_conditions(c, wan_cfg, gdef, state)
   assert first.shape == (3, 1, 4, 4, 16)
 
   rows = load_records(tmp_path, toyworld.CSV_NAME, "training")

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import grpo as grpo_config
+from configs import sft as sft_config
 from configs.vae import get_config
 from eva_jax import parallel
 from eva_jax.data import toyworld
 from eva_jax.models import vae_layers
-from eva_jax.models.vae import abstract_vae, vae_config
+from eva_jax.models.vae import vae_config
 from eva_jax.training import vae as train_vae
 from eva_jax.training.checkpoints import Checkpointer
 from eva_jax.utils.metrics import read_metrics
@@ -132,20 +134,19 @@ def test_checkpoint_loads_through_sft_and_grpo(full_run, data_root):
   c = _config(data_root)
   trainer = _trainer(c)
   trained = _state(workdir, 30)["params"]
-  # SFT's Conditioner.vae(): restore_tree(vae.checkpoint = the run dir), its 'params', into WanVAE('tiny')
-  tree = sft.restore_tree(str(workdir))
-  params = next(tree[k] for k in ("params", "model") if k in tree)
-  gdef, state = abstract_vae(vae_config("tiny"))
-  nnx.replace_by_pure_dict(state, params)
+  # SFT's Conditioner.vae() with vae.checkpoint = the run dir: its 'params' in WanVAE('tiny')
+  s = sft_config.get_config("tiny")
+  s.vae.checkpoint = str(workdir)
+  gdef, state = sft.Conditioner(s, None, trainer.mesh).vae()
   for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # the loaded WanVAE's encode -> decode (the streaming passes) gives back the run's validation metrics
   val = train_vae.evaluate(c, trainer, nnx.to_pure_dict(state))
   assert val == {k: out[k] for k in val}
-  # GRPO's build_vae: _pick(_restore_any(path), ('params', 'model')) then load_pure_into
-  pure = grpo._pick(grpo._restore_any(str(workdir)), ("params", "model"), "VAE", str(workdir))
-  _, gstate = abstract_vae(vae_config("tiny"))
-  gstate = grpo.load_pure_into(gstate, pure, "VAE", str(workdir), jax.tree.map(lambda _: trainer.replicated, gstate))
+  # GRPO's build_vae, from the run's checkpoints/ folder
+  g = grpo_config.get_config("tiny")
+  g.vae.checkpoint = str(workdir / "checkpoints")
+  _, gstate = grpo.build_vae(g, trainer.mesh)
   for x, y in zip(jax.tree.leaves(gstate), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

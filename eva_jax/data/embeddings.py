@@ -155,45 +155,21 @@ def media_column(columns: Sequence[str], where: Path) -> str:
 # MARK: encoders from the config
 
 
-def _restore_or_convert(sub, cfg, convert_fn: Callable, what: str):
-  """sub.init 'torch' (a .pth/.safetensors file or folder, converted here) or 'orbax' -> pure dict."""
-  # pylint: disable=g-import-not-at-top
-  from eva_jax.training.sft import read_torch_state_dict, restore_tree
-  if not sub.path:
-    raise ValueError(f"{what}.init={sub.init!r} needs {what}.path")
-  if sub.init == "torch":
-    return convert_fn(read_torch_state_dict(sub.path), cfg)
-  if sub.init == "orbax":
-    tree = restore_tree(sub.path)
-    return tree.get("params", tree) if isinstance(tree, dict) else tree
-  raise ValueError(f"{what}.init must be 'random', 'torch' or 'orbax', got {sub.init!r}")
-
-
-def build_model(make: Callable[[], Any], sub, cfg, convert_fn: Callable, what: str, seed: int):
-  """Random init, or the abstract module filled with converted/restored weights (no random init)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  if sub.init == "random":
-    return make(nnx.Rngs(seed))
-  if sub.init == "orbax" and sub.path:
-    # pylint: disable=g-import-not-at-top
-    from eva_jax.inference import is_converted_checkpoint, load_converted
-    if is_converted_checkpoint(sub.path):  # written by `python -m convert --kind umt5|clip|vae`
-      return load_converted(sub.path, lambda: make(nnx.Rngs(0)))
-  tree = _restore_or_convert(sub, cfg, convert_fn, what)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-  try:
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.numpy.asarray(a, dtype=cfg.param_dtype), tree))
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"{what}.path {sub.path} does not match {what} preset {sub.preset!r}: {e}") from e
-  return nnx.merge(graphdef, state)
+def build_model(kind: str, sub, cfg, seed: int):
+  """The encoder of config.<kind> ({init, path}): init 'random' (seeded) or any source of
+  `eva_jax.weights.load` at `path` (PyTorch files, a `python -m convert` orbax directory)."""
+  from eva_jax import weights  # pylint: disable=g-import-not-at-top
+  if sub.init not in ("random", "torch", "orbax"):
+    raise ValueError(f"{kind}.init must be 'random', 'torch' or 'orbax', got {sub.init!r}")
+  if sub.init != "random" and not sub.path:
+    raise ValueError(f"{kind}.init={sub.init!r} needs {kind}.path")
+  return weights.load_module(kind, "random" if sub.init == "random" else sub.path, cfg, seed=seed)
 
 
 def _text_encoder(config, captions: Sequence[str], workdir: Path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from convert.umt5 import convert_umt5_state_dict  # pylint: disable=g-import-not-at-top
   from eva_jax.models.tokenizer import T5Tokenizer, make_tiny_tokenizer  # pylint: disable=g-import-not-at-top
-  from eva_jax.models.umt5 import UMT5Encoder, umt5_config  # pylint: disable=g-import-not-at-top
+  from eva_jax.models.umt5 import umt5_config  # pylint: disable=g-import-not-at-top
   c = config.umt5
   cfg = umt5_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
                     text_len=c.text_len)
@@ -206,8 +182,7 @@ def _text_encoder(config, captions: Sequence[str], workdir: Path):
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but umT5 preset {c.preset!r} "
                      f"embeds only {cfg.vocab_size}")
-  model = build_model(lambda r: UMT5Encoder(cfg, rngs=r), c, cfg, convert_umt5_state_dict, "umt5",
-                      config.seed)
+  model = build_model("umt5", c, cfg, config.seed)
   return tokenizer, model
 
 
@@ -306,12 +281,11 @@ encode_vae_clips = _jit(lambda m, x: m.encode(x))                # [B, T, H, W, 
 def _vae_model(config, model=None):
   """The VAE of config.vae (or `model` when given) and its config."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from convert.wan import convert_vae_state_dict  # pylint: disable=g-import-not-at-top
-  from eva_jax.models.vae import WanVAE, vae_config  # pylint: disable=g-import-not-at-top
+  from eva_jax.models.vae import vae_config  # pylint: disable=g-import-not-at-top
   c = config.vae
   cfg = vae_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
   if model is None:
-    model = build_model(lambda r: WanVAE(cfg, rngs=r), c, cfg, convert_vae_state_dict, "vae", config.seed)
+    model = build_model("vae", c, cfg, config.seed)
   return model, cfg
 
 
@@ -324,12 +298,9 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model
   column, subdir = (CLIP_COLUMN, CLIP_DIR) if kind == "clip" else (LATENT_COLUMN, LATENT_DIR)
   c = config.clip if kind == "clip" else config.vae
   if kind == "clip":
-    from convert.clip import convert_clip_state_dict
-    from eva_jax.models.clip import CLIPVisionEncoder, clip_config
+    from eva_jax.models.clip import clip_config
     cfg = clip_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     want = lambda s: s == (cfg.num_tokens, cfg.width)
-    make = lambda r: CLIPVisionEncoder(cfg, rngs=r)
-    convert_fn = convert_clip_state_dict
     encode = encode_clip_frames
   else:
     want = lambda s: len(s) == 4 and s[0] == 1
@@ -347,7 +318,7 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model
   if kind == "vae":
     model, _ = _vae_model(config, model)
   elif model is None:
-    model = build_model(make, c, cfg, convert_fn, kind, config.seed)
+    model = build_model("clip", c, cfg, config.seed)
   bs = config.batch_size
   bar = progress(total=len(todo), desc=f"{kind} first frames")
   for batch in _batches(todo, bs):

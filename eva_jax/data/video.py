@@ -8,13 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 
-
-def to_uint8(frames) -> np.ndarray:
-  """uint8 passes through; floats are taken as [-1, 1] (the model's video range)."""
-  frames = np.asarray(frames)
-  if frames.dtype == np.uint8:
-    return frames
-  return np.clip(np.round((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+from eva_jax.utils.frames import frame_strip, to_uint8  # noqa: F401 (part of this module's API)
 
 
 def write_video(path: str | os.PathLike, frames, fps: float = 16, crf: int = 18) -> pathlib.Path:
@@ -94,10 +88,3 @@ def video_info(path: str | os.PathLike) -> dict:
               "fps": float(stream.average_rate or stream.guessed_rate or 0.0)}
   except Exception as e:
     raise ValueError(f"cannot read video info of {path}: {e}") from e
-
-
-def frame_strip(frames, max_frames: int = 8) -> np.ndarray:
-  """Evenly spaced frames side by side, [H, k*W, 3] uint8 (for PNG reports)."""
-  frames = to_uint8(frames)
-  idx = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
-  return np.concatenate(list(frames[idx]), axis=1)

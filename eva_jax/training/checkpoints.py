@@ -128,30 +128,3 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
-
-
-# MARK: initial weights from a checkpoint or a converter
-def select_weights(tree: Any, keys: tuple[str, ...] = ("params", "model")) -> Any:
-  """The weights inside a restored checkpoint: the first of `keys` present in it, else the tree itself."""
-  return next((tree[k] for k in keys if isinstance(tree, Mapping) and k in tree), tree)
-
-
-def checked_weights(pure: Mapping, abstract_state, source: str, model: str) -> dict:
-  """`pure` (a pure dict of weights) checked against an abstract nnx State: the same keys and shapes.
-
-  Returns numpy arrays cast to the state's dtypes. Errors name `source` (e.g. "init.path /x") and the first
-  mismatching key, and say what `model` expects; nothing is loaded on a mismatch.
-  """
-  import numpy as np
-  from flax import nnx
-  state = nnx.clone(abstract_state)
-  try:
-    nnx.replace_by_pure_dict(state, pure)
-  except (KeyError, ValueError, TypeError) as e:
-    raise ValueError(f"{source} does not match {model}: {e}") from e
-  got, want = nnx.to_pure_dict(state), nnx.to_pure_dict(abstract_state)
-  for (path, x), (_, ref) in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)):
-    if tuple(np.shape(x)) != tuple(ref.shape):
-      raise ValueError(f"{source}: {jax.tree_util.keystr(path)} has shape {np.shape(x)}, {model} expects "
-                       f"{tuple(ref.shape)}")
-  return jax.tree.map(lambda x, r: np.asarray(x, r.dtype), got, want)

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eva_jax import weights
+from eva_jax.data import conditions
 from eva_jax.diffusion.schedules import wan_timesteps
-from eva_jax.models.wan import WanModel, wan_config  # before lora: models.wan imports models.lora
-from eva_jax.models.lora import LoRAParam, disable_lora, export_peft  # noqa: I001
-from eva_jax.parallel import make_mesh, named_sharding, state_shardings
+from eva_jax.models.lora import LoRAParam, disable_lora, export_peft
+from eva_jax.parallel import make_mesh, named_sharding
 from eva_jax.rl import grpo as grpo_lib
 from eva_jax.rl import reward as reward_lib
 from eva_jax.rl.rollout import RolloutConfig, make_rollout_fn
@@ -47,113 +48,23 @@ from eva_jax.utils.rundir import save_config
 PENALTY_TERMS = ("jerk", "acc", "vlim", "alim", "total")
 
 
-# MARK: model construction
-
-
-def _create_sharded(ctor, mesh, *filters, jit_init: bool = True):
-  """Builds a module in its sharded layout: (graphdef, state per filter, their shardings).
-
-  jit_init: initialise inside `jax.jit` with out_shardings, so no device ever holds the whole model
-  (14B). Small models init eagerly and are then placed: compiling the init of every parameter costs
-  more than running it op by op.
-  """
-  abstract = nnx.eval_shape(ctor)
-  gdef, *abs_states = nnx.split(abstract, *filters)
-  shardings = tuple(state_shardings(s, mesh) for s in abs_states)
-
-  def make():
-    _, *states = nnx.split(ctor(), *filters)
-    return tuple(states)
-  states = jax.jit(make, out_shardings=shardings)() if jit_init else jax.device_put(make(), shardings)
-  return gdef, states, shardings
-
-
-def _restore_any(path: str):
-  """Raw pytree of an orbax checkpoint: a run dir, a Checkpointer root, or a StandardCheckpointer dir."""
-  from eva_jax.training.sft import restore_tree
-  return restore_tree(path)
-
-
-def _pick(tree: Any, keys, what: str, path: str):
-  for k in keys:
-    if isinstance(tree, dict) and k in tree:
-      return tree[k]
-  if isinstance(tree, dict):
-    return tree
-  raise ValueError(f"{what} checkpoint {path}: expected a dict with one of {keys}, got {type(tree)}")
-
-
-def _without_lora(tree):
-  """A pure dict minus LoRA factors (an SFT checkpoint trained with adapters still loads as base)."""
-  if isinstance(tree, dict):
-    return {k: _without_lora(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
-  return tree
-
-
-def load_pure_into(state, pure, what: str, path: str, shardings):
-  """Loads a pure-dict checkpoint into `state` (keys must match), cast to the state's dtypes, placed."""
-  ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  try:
-    nnx.replace_by_pure_dict(state, pure)
-  except (KeyError, ValueError, TypeError) as e:
-    raise ValueError(f"{what} checkpoint {path} does not match the configured model: {e}") from e
-  def cast(x, r):
-    if tuple(np.shape(x)) != tuple(r.shape):
-      raise ValueError(f"{what} checkpoint {path}: a parameter has shape {tuple(np.shape(x))}, the model "
-                       f"expects {tuple(r.shape)}")
-    return jnp.asarray(x, r.dtype)
-  state = jax.tree.map(cast, state, ref)
-  return jax.device_put(state, shardings)
-
-
-def load_idm(config, mesh):
-  """The reward IDM (eval mode) from `config.reward.idm_checkpoint`: a torch `.pt` (the released
-  IDM_singleview.pt, converted by convert.idm) or an orbax directory written by train_idm."""
-  from eva_jax.models.idm import IDM, idm_config
-  path = config.reward.idm_checkpoint
-  if not path:
-    raise ValueError("GRPO needs the reward IDM: set --config.reward.idm_checkpoint=<IDM_singleview.pt "
-                     "or an orbax IDM checkpoint directory> (the original's reward_model_path)")
-  if not pathlib.Path(path).exists():
-    raise FileNotFoundError(f"config.reward.idm_checkpoint: {path} does not exist")
-  if path.endswith((".pt", ".pth", ".bin")):
-    import torch
-    from convert.idm import load_idm as load_torch_idm
-    idm = load_torch_idm(torch.load(path, map_location="cpu", weights_only=False))
-  elif (pathlib.Path(path) / "config.json").exists():  # a train_idm run directory: its own config
-    import json
-
-    import ml_collections
-
-    from eva_jax.training.idm import load_trained_idm
-    idm_run_cfg = ml_collections.ConfigDict(json.loads((pathlib.Path(path) / "config.json").read_text()))
-    idm = load_trained_idm(path, idm_run_cfg)
-  else:
-    idm = IDM(idm_config(config.reward.idm_preset), rngs=nnx.Rngs(0))
-    pure = _pick(_restore_any(path), ("model_state_dict", "model", "params"), "IDM", path)
-    state = nnx.state(idm)
-    state = load_pure_into(state, pure, f"IDM (idm_config({config.reward.idm_preset!r}))", path,
-                           jax.tree.map(lambda x: x.sharding, state))
-    nnx.update(idm, state)
-    idm.eval()
-  gdef, state = nnx.split(idm)
-  return gdef, jax.device_put(state, state_shardings(state, mesh))
+# MARK: models
 
 
 def build_policy(config, mesh):
-  """Wan DiT with LoRA: (graphdef, lora state, base state, their shardings)."""
+  """Wan DiT with LoRA: (wan config, graphdef, lora state, base state, their shardings).
+
+  The frozen base is `config.model.checkpoint`, any DiT source of `eva_jax.weights.load` (the SFT run,
+  a converted orbax directory, PyTorch files); the adapters start fresh (B = 0). Without a checkpoint the
+  base is random, with its zero-initialised output head drawn (`randomize_zero_head`).
+  """
   m = config.model
-  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-                   lora_rank=m.lora_rank, lora_alpha=m.lora_alpha)
-  if m.num_layers:
-    overrides["num_layers"] = m.num_layers
-  cfg = wan_config(m.preset, **overrides)
-  gdef, (lora, base), (lora_sh, base_sh) = _create_sharded(
-      lambda: WanModel(cfg, rngs=nnx.Rngs(config.seed)), mesh, LoRAParam, ..., jit_init=m.sharded_init)
-  if m.checkpoint:  # the SFT run (its train state's 'params'), or a converted DiT checkpoint
-    pure = _without_lora(_pick(_restore_any(m.checkpoint), ("params", "model"), "DiT", m.checkpoint))
-    base = load_pure_into(base, pure, f"DiT (wan_config({m.preset!r}))", m.checkpoint, base_sh)
-  else:
+  cfg = weights.dit_config(m, remat=m.remat, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha)
+  source = m.checkpoint or "random"
+  gdef, state = weights.load("dit", source, cfg, mesh=mesh, seed=config.seed, jit_init=m.sharded_init)
+  lora, base = nnx.split_state(state, LoRAParam, ...)
+  lora_sh, base_sh = (jax.tree.map(lambda x: x.sharding, st) for st in (lora, base))
+  if source == "random":
     base = jax.device_put(randomize_zero_head(base, jax.random.key(config.seed + 7), cfg.dim), base_sh)
   return cfg, gdef, lora, base, lora_sh, base_sh
 
@@ -170,84 +81,23 @@ def randomize_zero_head(base, key, dim: int):
 
 
 def build_vae(config, mesh):
-  from eva_jax.models.vae import WanVAE, vae_config
-  vcfg = vae_config(config.vae.preset)
-  gdef, (state,), (sh,) = _create_sharded(lambda: WanVAE(vcfg, rngs=nnx.Rngs(config.seed + 1)), mesh, ...,
-                                          jit_init=False)  # ≤ 0.13 B parameters
-  if config.vae.checkpoint:  # a VAE training run or the convert CLI's orbax output
-    pure = _pick(_restore_any(config.vae.checkpoint), ("params", "model"), "VAE", config.vae.checkpoint)
-    state = load_pure_into(state, pure, f"VAE (vae_config({config.vae.preset!r}))", config.vae.checkpoint, sh)
-  return gdef, state
+  """(graphdef, state) of the VAE: `config.vae.checkpoint` (any VAE source of eva_jax.weights) or random."""
+  from eva_jax.models.vae import vae_config
+  return weights.load("vae", config.vae.checkpoint or "random", vae_config(config.vae.preset), mesh=mesh,
+                      seed=config.seed + 1)
 
 
-# MARK: data
-
-
-def synthetic_conditions(config, wan_cfg, index: jax.Array):
-  """Seeded random conditioning for condition ids [N]: clean first latent, text, CLIP features."""
-  s = config.sample
-  key = jax.random.key(config.seed + 12345)
-
-  def one(i):
-    k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
-    first = jax.random.normal(k1, (1, s.latent_height, s.latent_width, 16), jnp.float32)
-    ctx = jax.random.normal(k2, (config.data.text_tokens, wan_cfg.text_dim), jnp.float32)
-    clip = jax.random.normal(k3, (257, wan_cfg.image_dim), jnp.float32)
-    return first, ctx, clip
-  first, ctx, clip = jax.vmap(one)(index)
-  return first, dict(context=ctx, clip_fea=clip)
-
-
-def _first_frame(path, height: int, width: int) -> np.ndarray:
-  """Frame 0 of a video as [1, H, W, 3] in [-1, 1]: resize the short side, centre crop (as SFT)."""
-  from PIL import Image
-
-  from eva_jax.data.video import read_video
-  frame = read_video(path, indices=[0])[0][0]                       # [H0, W0, 3] uint8
-  h0, w0 = frame.shape[:2]
-  scale = max(height / h0, width / w0)
-  size = (max(width, round(w0 * scale)), max(height, round(h0 * scale)))
-  img = np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC), np.float32)
-  top, left = (img.shape[0] - height) // 2, (img.shape[1] - width) // 2
-  img = img[top:top + height, left:left + width]
-  return (img / 127.5 - 1.0)[None]
-
-
-def csv_conditions(config, wan_cfg, vae_gdef, vae_state) -> tuple[np.ndarray, dict]:
-  """First frames and conditioning of the first `data.num_conditions` rows of an EVA metadata CSV.
-
-  Frame 0 of each video is VAE-encoded to the clean history latent. Text: the cached umT5 embedding
-  (`prompt_embed_path`, text_source 'cached') or, for smoke runs, the same fixed Gaussian embedding
-  per caption that SFT's text.source='synthetic' uses. CLIP features: zeros (SFT's clip.source
-  'zeros'; EVA feeds CLIP of frame 0, which needs the CLIP encoder).
-  """
-  import zlib
-
-  from eva_jax.data.metadata import load_records
-  d, s = config.data, config.sample
-  root = pathlib.Path(d.data_root)
-  records = load_records(root, d.metadata_path, d.split)[: d.num_conditions]
-  if len(records) < d.num_conditions:
-    raise ValueError(f"{root / d.metadata_path}: split {d.split!r} has {len(records)} rows, "
-                     f"data.num_conditions={d.num_conditions}")
-  encode = jax.jit(lambda st, v: nnx.merge(vae_gdef, st).encode(v))
-  firsts, texts = [], []
-  for rec in records:
-    frame = _first_frame(root / rec["video_path"], 8 * s.latent_height, 8 * s.latent_width)
-    firsts.append(np.asarray(encode(vae_state, jnp.asarray(frame[None]))[0]))   # [1, h, w, 16]
-    if d.text_source == "cached":
-      import torch
-      emb = torch.load(root / rec["prompt_embed_path"], map_location="cpu").float().numpy()
-    elif d.text_source == "synthetic":
-      cid = zlib.crc32(str(rec.get("caption", "")).encode())
-      emb = np.random.default_rng(cid).standard_normal((d.text_tokens, wan_cfg.text_dim)).astype(np.float32)
-    else:
-      raise ValueError(f"data.text_source must be 'cached' or 'synthetic', got {d.text_source!r}")
-    emb = emb[: d.text_tokens]
-    texts.append(np.pad(emb, ((0, d.text_tokens - emb.shape[0]), (0, 0))))
-  n = len(records)
-  return np.stack(firsts), dict(context=np.stack(texts).astype(np.float32),
-                                clip_fea=np.zeros((n, 257, wan_cfg.image_dim), np.float32))
+def load_idm(config, mesh):
+  """The reward IDM in eval mode, (graphdef, state), from `config.reward.idm_checkpoint`: the released
+  IDM_singleview.pt, a train_idm run (its config.json gives the architecture), or a converted orbax
+  directory (architecture `reward.idm_preset`)."""
+  from eva_jax.models.idm import idm_config
+  path = config.reward.idm_checkpoint
+  if not path:
+    raise ValueError("GRPO needs the reward IDM: set --config.reward.idm_checkpoint=<IDM_singleview.pt "
+                     "or an orbax IDM checkpoint directory> (the original's reward_model_path)")
+  idm = weights.load_module("idm", path, mesh=mesh, default_cfg=idm_config(config.reward.idm_preset))
+  return nnx.split(idm)
 
 
 # MARK: checkpoint helpers
@@ -368,7 +218,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     start = int(meta.get("iteration", ckpt.latest_step()))
 
   if config.data.kind == "csv":
-    table = csv_conditions(config, wan_cfg, vae_gdef, vae_state)
+    table = conditions.csv_conditions(config, wan_cfg, vae_gdef, vae_state)
   elif config.data.kind == "synthetic":
     table = None
   else:
@@ -384,7 +234,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     cond_ids = (it * s.num_prompts + np.arange(s.num_prompts)) % config.data.num_conditions
     rows = np.repeat(cond_ids, s.group_size)                     # group_size rollouts per condition
     if table is None:
-      first, cond = synthetic_conditions(config, wan_cfg, jnp.asarray(rows))
+      first, cond = conditions.synthetic_conditions(config, wan_cfg, jnp.asarray(rows))
     else:
       first, cond = table[0][rows], {k: v[rows] for k, v in table[1].items()}
     batch = jax.device_put(dict(clean_first=first, cond=cond), prog.batch_shardings)

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eva_jax import parallel
+from eva_jax import parallel, weights
 from eva_jax.data import idm_dataset, robotwin
 from eva_jax.models import idm as idm_lib
 from eva_jax.parallel.sharding import named_sharding, state_shardings
@@ -223,17 +223,8 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 # MARK: model, data and checkpoints
 
 def model_config(config) -> idm_lib.IDMConfig:
-  """config.model -> IDMConfig (a preset, its image size and dtypes; blocks/width/mlp_dims override
-  the preset's when set)."""
-  m = config.model
-  overrides = dict(image_size=tuple(m.image_size), dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
-  if m.get("blocks"):
-    overrides["blocks"] = tuple(m.blocks)
-  if m.get("width"):
-    overrides["width"] = int(m.width)
-  if m.get("mlp_dims"):
-    overrides["mlp_dims"] = tuple(int(d) for d in m.mlp_dims)
-  return idm_lib.idm_config(m.preset, **overrides)
+  """config.model -> IDMConfig (see eva_jax.weights.idm_config)."""
+  return weights.idm_config(config.model)
 
 
 # One compiled initialiser per config (eager init would compile one program per parameter shape).
@@ -261,30 +252,24 @@ def _init_optimizer(model: idm_lib.IDM, tx: optax.GradientTransformation) -> nnx
 
 
 def build_model(config) -> idm_lib.IDM:
-  """The IDM of config.model, initialised per config.init ('random', 'torch' = a released-layout .pt,
-  'imagenet' = a torchvision ResNet-50 .pth for the trunk with its stem repeated over the 3 frames / 3)."""
+  """The IDM of config.model, initialised per config.init ('random', 'torch' = any IDM source of
+  eva_jax.weights at init.path, e.g. a released-layout .pt or an IDM run; 'imagenet' = a torchvision
+  ResNet-50 .pth for the trunk with its stem repeated over the 3 frames / 3)."""
   cfg = model_config(config)
   kind, path = config.init.kind, config.init.path
-  if kind in ("torch", "imagenet"):
+  if kind not in ("random", "torch", "imagenet"):
+    raise ValueError(f"config.init.kind: unknown {kind!r}; expected 'random', 'torch' or 'imagenet'")
+  if kind == "torch":
+    return nnx.merge(*weights.load("idm", path, cfg))
+  model = _init_model(cfg, jax.random.key(config.seed))
+  if kind == "imagenet":
     import torch
     from convert import idm as convert_idm
     sd = torch.load(path, map_location="cpu", weights_only=False)
-  model = _init_model(cfg, jax.random.key(config.seed))
-  if kind == "torch":
-    _load_pure(model, convert_idm.convert_idm_state_dict(sd, cfg))
-  elif kind == "imagenet":
     pure = nnx.to_pure_dict(nnx.state(model))
     pure["backbone"] = convert_idm.convert_resnet_backbone(sd, cfg)  # head stays randomly initialised
     _load_pure(model, pure)
-  elif kind != "random":
-    raise ValueError(f"config.init.kind: unknown {kind!r}; expected 'random', 'torch' or 'imagenet'")
   return model
-
-
-def _load_pure(model: nnx.Module, pure: Mapping) -> None:
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-  nnx.update(model, state)
 
 
 def set_joint_stats(model: idm_lib.IDM, mean: np.ndarray, std: np.ndarray) -> None:
@@ -440,29 +425,12 @@ def _lr(optim_cfg, step: int) -> float:
 # MARK: evaluate (whole episodes)
 
 def load_trained_idm(path: str | pathlib.Path, config=None, best: bool = True) -> idm_lib.IDM:
-  """An IDM in eval mode from a torch checkpoint (.pt/.pth: the release layout) or a train_idm run
-  directory / checkpoints directory (its best/ checkpoint when `best` and one exists)."""
-  from eva_jax.training.checkpoints import Checkpointer
-  path = pathlib.Path(path)
-  if path.suffix in (".pt", ".pth", ".bin"):
-    import torch
-    from convert.idm import load_idm
-    overrides = {"image_size": tuple(config.model.image_size)} if config is not None else {}
-    return load_idm(torch.load(path, map_location="cpu", weights_only=False), **overrides)
-  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  ckpt = Checkpointer(root, async_save=False)
-  try:
-    use_best = best and ckpt.best_step() is not None
-    tree, _ = ckpt.restore(best=use_best)
-  finally:
-    ckpt.close()
-  if config is None:
-    raise ValueError("load_trained_idm: an orbax checkpoint needs the config it was trained with")
-  cfg = model_config(config)
-  model = nnx.eval_shape(lambda: idm_lib.IDM(cfg, rngs=nnx.Rngs(0)))
-  restore_into({"model_state_dict": jax.tree.map(jnp.asarray, tree["model_state_dict"]), "step": tree["step"]}, model)
-  model.eval()
-  return model
+  """An IDM in eval mode from any IDM source of eva_jax.weights: a torch checkpoint (.pt/.pth: the release
+  layout) or a train_idm run directory / checkpoints directory (its best/ checkpoint when `best` and one
+  exists; the run's config.json gives the architecture, else `config`)."""
+  cfg = model_config(config) if config is not None else None
+  overrides = {"image_size": cfg.image_size} if cfg is not None else None
+  return weights.load_module("idm", path, default_cfg=cfg, overrides=overrides, best=best)
 
 
 def episode_metrics(pred: np.ndarray, true: np.ndarray, fps: float) -> dict[str, float]:

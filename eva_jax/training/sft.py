@@ -31,8 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eva_jax import parallel
-from eva_jax.training.checkpoints import checked_weights, select_weights
+from eva_jax import parallel, weights
 from eva_jax.training.optim import make_optimizer
 
 Batch = Mapping[str, jax.Array]
@@ -228,59 +227,22 @@ class SFTTrainer:
 
 
 # MARK: initial weights
-def read_torch_state_dict(path: str | Path) -> Mapping[str, Any]:
-  """A PyTorch checkpoint as {key: tensor}: a .safetensors file, a directory of shards, or a
-  Lightning/torch .ckpt/.pt/.pth (its 'state_dict' entry when present). Tensors stay lazy/mmapped."""
-  path = Path(path)
-  files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-  if not files or not all(f.is_file() for f in files):
-    raise FileNotFoundError(f"init.path: no checkpoint file at {path}")
-  if files[0].suffix == ".safetensors":
-    from safetensors import safe_open
-    out = {}
-    for f in files:
-      with safe_open(str(f), framework="np") as fh:
-        out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
-  import torch
-  ckpt = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
-  return ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-
-
-def restore_tree(path: str | Path) -> Any:
-  """The raw pytree of an orbax checkpoint: a run dir (…/checkpoints), a Checkpointer root, or a
-  single StandardCheckpointer directory (what `python -m convert` writes)."""
-  from eva_jax.training.checkpoints import Checkpointer
-  p = Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"init.path: {p} does not exist")
-  root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-  if any(c.name.isdigit() for c in root.iterdir()):
-    ckpt = Checkpointer(root, async_save=False)
-    try:
-      return ckpt.restore()[0]
-    finally:
-      ckpt.close()
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as c:
-    return c.restore(root.absolute())
-
-
 def initial_params(init_cfg, wan_cfg, trainer: SFTTrainer) -> dict | None:
-  """config.init -> a pure dict of params for the trainer (None = random init)."""
+  """config.init -> a pure dict of params for the trainer (None = random init).
+
+  init.path is any DiT source of `eva_jax.weights.load` (PyTorch files, a converted orbax directory, an
+  SFT run; init.use_ema takes a run's EMA weights). init.kind is 'random' or names the format the user
+  expects ('torch' / 'orbax'); the format itself is detected from what is on disk.
+  """
   kind = init_cfg.kind
   if kind == "random":
     return None
+  if kind not in ("orbax", "torch"):
+    raise ValueError(f"init.kind must be 'random', 'orbax' or 'torch', got {kind!r}")
   if not init_cfg.path:
     raise ValueError(f"init.kind={kind!r} needs init.path")
-  if kind == "torch":
-    from convert.wan_dit import convert_dit_state_dict
-    tree = convert_dit_state_dict(read_torch_state_dict(init_cfg.path), wan_cfg)
-  elif kind == "orbax":
-    tree = select_weights(restore_tree(init_cfg.path), ("ema", "params") if init_cfg.use_ema else ("params", "model"))
-  else:
-    raise ValueError(f"init.kind must be 'random', 'orbax' or 'torch', got {kind!r}")
-  return checked_weights(tree, trainer._abs_params_state, f"init.path {init_cfg.path}", "the model config")
+  _, state = weights.load("dit", init_cfg.path, wan_cfg, mesh=trainer.mesh, use_ema=bool(init_cfg.use_ema))
+  return nnx.to_pure_dict(state)
 
 
 # MARK: conditioning that the CSV does not cache
@@ -305,20 +267,15 @@ class Conditioner:
       raise ValueError(f"clip.source must be 'cached' or 'zeros', got {config.clip.source!r}")
 
   def vae(self):
-    """(graphdef, state) of the VAE: config.vae.checkpoint (orbax) or random weights (smoke runs)."""
+    """(graphdef, state) of the VAE: config.vae.checkpoint (any VAE source of eva_jax.weights) or random
+    weights (smoke runs)."""
     if self._vae is None:
-      from eva_jax.models.vae import WanVAE, vae_config
+      from eva_jax.models.vae import vae_config
       config = self.config
-      # concrete (the VAE is small): abstract creation under an active mesh would read the
-      # logical axis names as mesh axes
-      gdef, state = nnx.split(WanVAE(vae_config(config.vae.preset), rngs=nnx.Rngs(config.seed + 1)))
-      if config.vae.checkpoint:
-        nnx.replace_by_pure_dict(state, checked_weights(
-            select_weights(restore_tree(config.vae.checkpoint)), state, f"vae.checkpoint {config.vae.checkpoint}",
-            f"vae_config({config.vae.preset!r})"))
-      else:
+      source = config.vae.checkpoint or "random"
+      if source == "random":
         logging.warning("vae.checkpoint is empty: a random-weight VAE (smoke runs only)")
-      self._vae = (gdef, jax.device_put(state, parallel.state_shardings(state, self.mesh)))
+      self._vae = weights.load("vae", source, vae_config(config.vae.preset), mesh=self.mesh, seed=config.seed + 1)
     return self._vae
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -356,13 +313,7 @@ class Conditioner:
 
 
 # MARK: train_and_evaluate
-def build_wan_config(model_cfg):
-  from eva_jax.models.wan import wan_config
-  overrides = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, attention=model_cfg.attention,
-                   remat=model_cfg.remat, scan_layers=model_cfg.scan_layers)
-  if model_cfg.num_layers:
-    overrides["num_layers"] = model_cfg.num_layers
-  return wan_config(model_cfg.preset, **overrides)
+build_wan_config = weights.dit_config  # config.model -> WanConfig
 
 
 def _data(config, split: str, train: bool, batch_size: int, seed: int):

@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eva_jax import parallel
+from eva_jax import parallel, weights
 from eva_jax.models.vae import WanVAE, abstract_vae, vae_config
 from eva_jax.training.optim import make_optimizer, make_schedule
 
@@ -266,15 +266,13 @@ def evaluate(config, trainer: VAETrainer, params) -> dict[str, float]:
 
 # MARK: initial weights
 def initial_params(config, trainer: VAETrainer) -> dict | None:
-  """config.init.path -> a pure dict of the VAE's params (None = random init): the orbax directory of
-  `python -m convert --kind vae`, or a VAE run (its checkpoints' 'params')."""
-  from eva_jax.training.checkpoints import checked_weights, select_weights
-  from eva_jax.training.sft import restore_tree
+  """config.init.path -> a pure dict of the VAE's params (None = random init): any VAE source of
+  `eva_jax.weights.load` (Wan2.1_VAE.pth, the orbax directory of `python -m convert --kind vae`, a VAE run)."""
   path = config.init.path
   if not path:
     return None
-  return checked_weights(select_weights(restore_tree(path)), trainer.abs_state, f"init.path {path}",
-                         f"vae_config({config.vae.preset!r})")
+  _, state = weights.load("vae", path, trainer.vae_cfg, mesh=trainer.mesh)
+  return nnx.to_pure_dict(state)
 
 
 # MARK: train_and_evaluate

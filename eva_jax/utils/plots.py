@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from eva_jax.data import video
+from eva_jax.utils import frames as video
 
 # The 14-d action layout of EVA's dual-arm embodiment (spec/eva.md B, F.1).
 JOINT_NAMES = tuple([f"left_j{i}" for i in range(6)] + ["left_gripper"]

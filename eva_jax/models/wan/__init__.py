@@ -6,14 +6,14 @@ eva_jax.models.wan.layers, can be imported first without a cycle.
 
 from eva_jax.models.wan.config import PRESETS, WanConfig, wan_config
 
-__all__ = ["PRESETS", "WanConfig", "WanModel", "abstract_dit", "load_dit", "wan_config"]
+__all__ = ["PRESETS", "WanConfig", "WanModel", "abstract_dit", "wan_config"]
 
 
 def __getattr__(name):
   if name == "WanModel":
     from eva_jax.models.wan.model import WanModel
     return WanModel
-  if name in ("load_dit", "abstract_dit"):
+  if name == "abstract_dit":
     from eva_jax.models.wan import loading
     return getattr(loading, name)
   raise AttributeError(f"module 'eva_jax.models.wan' has no attribute {name!r}")

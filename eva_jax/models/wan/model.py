@@ -21,7 +21,7 @@ from eva_jax.models.wan.config import WanConfig
 from eva_jax.models.wan.layers import (LayerNorm, Linear, RMSNorm, gate, layer_norm, modulate,
                                        timestep_sinusoid)
 from eva_jax.models.wan.rope import apply_rope, rope_tables
-from eva_jax.parallel.context import self_attention
+from eva_jax.models.wan.context_parallel import self_attention
 from eva_jax.parallel.sharding import constrain
 
 _ACT = ("act_batch", "act_seq", "act_embed")
@@ -62,7 +62,7 @@ class SelfAttention(nnx.Module):
     q = apply_rope(self.norm_q(self.q(x)).reshape(heads), cos, sin)            # [B, L, N, d]
     k = apply_rope(self.norm_k(self.k(x)).reshape(heads), cos, sin)
     v = self.v(x).reshape(heads)
-    # Ulysses sequence parallelism when the mesh in context has a 'context' axis (eva_jax/parallel/context.py).
+    # Ulysses sequence parallelism when the mesh in context has a 'context' axis (eva_jax/models/wan/context_parallel.py).
     out = self_attention(q, k, v, backend=cfg.attention, chunk_size=cfg.attn_chunk_size)
     return self.o(out.reshape(b, l, cfg.dim))
 
