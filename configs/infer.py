@@ -31,8 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fps = 16
 
   # The image_csv (spec/eva.md F.2): image_path,height,width,fps,n_frames,caption.
+  # resize: 'stretch' = EVA's image_csv transform (Resize((H, W)), bicubic); 'crop' / 'pad' keep the aspect.
   c.data = ml_collections.ConfigDict(dict(data_root="data/test_images", metadata_path="metadata.csv",
-                                          batch_size=1, limit=0))  # limit 0 = every row
+                                          batch_size=1, limit=0, resize="stretch"))  # limit 0 = every row
 
   # Sampling (EVA: UniPC, 40 steps, shift 3 applied twice, README guidance 1.5 / 2.5).
   c.sampler = ml_collections.ConfigDict(dict(

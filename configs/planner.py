@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_queue=16,                   # more waiting requests -> 503
       max_segments=4,                 # '<sep>' segments per instruction
       max_steps=50, max_guidance=20.0, max_aspect_change=2.0,
+      resize="stretch",               # observation resize: EVA's stretch, or 'crop' / 'pad' (configs/infer.py)
       batch_wait_s=0.05,
       warmup=True))                   # compile at start-up with a dummy request (reported in /health)
   if c.variant == "tiny":

@@ -35,9 +35,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Online encoders for what the CSV does not cache.
   c.vae = ml_collections.ConfigDict(dict(preset="wan2.1", checkpoint=""))
-  # conditioning stand-ins for smoke runs only: 'cached' (the CSV columns) | 'synthetic' | 'zeros'
+  # text: 'cached' (the CSV's umT5 embeddings) | 'synthetic' (smoke runs).
+  # clip: 'online' = EVA's: the frozen CLIP ViT-H/14 (clip.checkpoint: the Wan release's
+  # models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or its converted orbax dir) on frame 0 of every
+  # training clip after its random cut and crop; 'cached' (data.load_clip_embed); 'zeros' (smoke runs only).
   c.text = ml_collections.ConfigDict(dict(source="cached"))
-  c.clip = ml_collections.ConfigDict(dict(source="zeros"))
+  c.clip = ml_collections.ConfigDict(dict(source="online", preset="vit-h-14", checkpoint="", dtype="bfloat16"))
 
   c.data = ml_collections.ConfigDict(dict(
       data_root="", metadata_path="robotwin_videos.csv", test_percentage=0.01,
@@ -70,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(dict(preset="tiny-i2v", dtype="float32", attention="xla", remat="none"))
     c.vae.preset = "tiny"
     c.text.source = "synthetic"
+    c.clip.source = "zeros"   # smoke runs and the toy-world demo: no CLIP weights (docs/demo.md)
     c.data.update(dict(height=32, width=32, n_frames=5, load_prompt_embed=False, max_text_tokens=16,
                        num_workers=0, test_percentage=0.2))
     c.optim.update(dict(learning_rate=1e-3, warmup_steps=2, accumulate_steps=1))

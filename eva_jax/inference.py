@@ -11,8 +11,9 @@ smoke runs, benchmarks).
 `ckpt.tuned` (EVA's fine-tuned DiT, e.g. eva_i2v_14B.ckpt) replaces the DiT weights of `ckpt.dit`.
 
 The image_csv (spec/eva.md F.2) has columns `image_path,height,width,fps,n_frames,caption`; each
-image is resized so its short side equals the target height (bicubic), then center-cropped to the
-target (height, width), as the original `SingleFrameVideoDataset` does, and mapped to [-1, 1].
+image is stretched to the target (height, width) with bicubic resampling, as EVA's image_csv
+transform does (`Resize((H, W))`; `config.data.resize='crop'|'pad'` keep the aspect ratio instead),
+and mapped to [-1, 1].
 Prompts are encoded by umT5 once up front (the encoder is then released), unless the CSV gives a
 cached embedding in a `prompt_embed_path` column.
 """
@@ -63,31 +64,17 @@ def read_image_csv(path: str | pathlib.Path) -> list[dict[str, Any]]:
   return rows
 
 
-def load_first_frame(path: str | pathlib.Path, height: int, width: int) -> np.ndarray:
-  """Image -> float32 [height, width, 3] in [-1, 1]: short side to `height` (bicubic), center crop.
-
-  Follows torchvision's Resize(int) (long side = int(height * long / short)) and CenterCrop (offsets
-  round((size - crop) / 2); a side smaller than the crop is padded with black).
-  """
+def load_first_frame(path: str | pathlib.Path, height: int, width: int, mode: str = "stretch") -> np.ndarray:
+  """Image -> float32 [height, width, 3] in [-1, 1], resized by `mode` (eva_jax.data.images.fit_image):
+  'stretch' is EVA's image_csv transform (Resize((H, W)), bicubic); 'crop' and 'pad' keep the aspect."""
   from PIL import Image
 
+  from eva_jax.data.images import fit_image
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"image {path} does not exist")
-  img = Image.open(path).convert("RGB")
-  w, h = img.size
-  if w <= h:
-    new_w, new_h = height, int(height * h / w)
-  else:
-    new_w, new_h = int(height * w / h), height
-  img = np.asarray(img.resize((new_w, new_h), Image.BICUBIC), np.float32)  # [h', w', 3] in 0..255
-  pad_h, pad_w = max(height - new_h, 0), max(width - new_w, 0)
-  if pad_h or pad_w:
-    img = np.pad(img, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-  top = int(round((img.shape[0] - height) / 2.0))
-  left = int(round((img.shape[1] - width) / 2.0))
-  img = img[top:top + height, left:left + width]
-  return img / 127.5 - 1.0
+  img = fit_image(np.asarray(Image.open(path).convert("RGB")), height, width, mode)
+  return img.astype(np.float32) / 127.5 - 1.0
 
 
 # MARK: models
@@ -250,7 +237,8 @@ def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
   if config.data.limit:
     rows = rows[:config.data.limit]
   data_root = csv_path.parent
-  frames = np.stack([load_first_frame(data_root / r["image_path"], scfg.height, scfg.width) for r in rows])
+  mode = config.data.get("resize", "stretch")
+  frames = np.stack([load_first_frame(data_root / r["image_path"], scfg.height, scfg.width, mode) for r in rows])
   contexts, neg = _encode_texts(config, rows, data_root, run_dir, mesh)
 
   models = build_models(config, text_dim=contexts.shape[-1], mesh=mesh)

@@ -107,14 +107,15 @@ class Planner:
     return plans  # type: ignore[return-value]
 
 
-def resize_observation(image: np.ndarray, height: int, width: int, *, max_aspect_change: float = 2.0,
-                       min_side: int = 16) -> np.ndarray:
-  """Short side to the target, then a center crop (as the original's image_csv transform), bicubic.
+def resize_observation(image: np.ndarray, height: int, width: int, *, mode: str = "stretch",
+                       max_aspect_change: float = 2.0, min_side: int = 16) -> np.ndarray:
+  """The observation at the model size by `mode` (eva_jax.data.images.fit_image; EVA's stretch by
+  default), bicubic.
 
   Refuses images whose aspect ratio differs from the target's by more than `max_aspect_change`×
-  (the crop would throw most of the scene away) or smaller than `min_side` pixels.
+  (stretching or cropping would distort or drop most of the scene) or smaller than `min_side` pixels.
   """
-  from PIL import Image
+  from eva_jax.data.images import fit_image
 
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
@@ -126,11 +127,7 @@ def resize_observation(image: np.ndarray, height: int, width: int, *, max_aspect
   if max(change, 1 / change) > max_aspect_change:
     raise ValueError(f"observation aspect {w}x{h} is too far from the model's {width}x{height} "
                      f"(more than {max_aspect_change}x); crop it before sending")
-  scale = max(height / h, width / w)
-  nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-  resized = np.asarray(Image.fromarray(image.astype(np.uint8)).resize((nw, nh), Image.BICUBIC))
-  top, left = (nh - height) // 2, (nw - width) // 2
-  return resized[top:top + height, left:left + width]
+  return fit_image(image, height, width, mode)
 
 
 # MARK: building from a config

@@ -47,6 +47,7 @@ class ServiceLimits:
   max_steps: int = 100
   max_guidance: float = 20.0
   max_aspect_change: float = 2.0
+  resize: str = "stretch"            # eva_jax.data.images.fit_image mode (EVA's stretch)
   max_image_bytes: int = 20 * 2**20
   batch_wait_s: float = 0.05         # how long the worker waits to fill a batch
 
@@ -73,7 +74,7 @@ def decode_image(data: bytes, limits: ServiceLimits) -> np.ndarray:
   except (UnidentifiedImageError, OSError, ValueError) as e:
     raise RequestError(f"image could not be decoded as PNG/JPEG: {e}", 400) from e
   try:
-    return planner_lib.resize_observation(image, limits.height, limits.width,
+    return planner_lib.resize_observation(image, limits.height, limits.width, mode=limits.resize,
                                           max_aspect_change=limits.max_aspect_change)
   except ValueError as e:
     raise RequestError(str(e), 422) from e
@@ -274,7 +275,7 @@ def build_service_app(config, workdir=None):
   limits = ServiceLimits(height=s.height, width=s.width, fps=float(config.fps), batch_size=srv.batch_size,
                          max_queue=srv.max_queue, max_segments=srv.max_segments, max_steps=srv.max_steps,
                          max_guidance=srv.max_guidance, max_aspect_change=srv.max_aspect_change,
-                         batch_wait_s=srv.batch_wait_s)
+                         resize=srv.get("resize", "stretch"), batch_wait_s=srv.batch_wait_s)
   defaults = planner_lib.PlanOptions(steps=s.num_steps, hist_guidance=s.hist_guidance, lang_guidance=s.lang_guidance)
   t1 = time.perf_counter()
   if srv.warmup:

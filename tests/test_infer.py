@@ -29,20 +29,35 @@ def test_read_image_csv(tmp_path):
     inference.read_image_csv(tmp_path / "metadata.csv")
 
 
-def test_first_frame_resize_and_center_crop(tmp_path):
+def test_first_frame_stretch_crop_and_pad(tmp_path):
   rng = np.random.default_rng(0)
-  # Already the target size: unchanged apart from the [-1, 1] mapping.
+  # Already the target size: unchanged apart from the [-1, 1] mapping, in every mode.
   img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
   Image.fromarray(img).save(tmp_path / "same.png")
-  out = inference.load_first_frame(tmp_path / "same.png", 48, 64)
-  np.testing.assert_allclose(out, img / 127.5 - 1.0, atol=1e-6)
-  # Wide image at twice the height: short side 96 -> 48 (bicubic, PIL), then the central 64 columns.
+  for mode in ("stretch", "crop", "pad"):
+    np.testing.assert_allclose(inference.load_first_frame(tmp_path / "same.png", 48, 64, mode),
+                               img / 127.5 - 1.0, atol=1e-6)
+  # EVA's default: a plain bicubic resize of the whole image (a 512x512 image is squeezed, not padded).
+  square = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+  Image.fromarray(square).save(tmp_path / "square.png")
+  out = inference.load_first_frame(tmp_path / "square.png", 48, 64)
+  want = np.asarray(Image.fromarray(square).resize((64, 48), Image.BICUBIC), np.float32)
+  np.testing.assert_allclose(out, want / 127.5 - 1.0, atol=1e-6)
+  # 'crop': a wide image at twice the height, short side 96 -> 48, then the central 64 columns.
   wide = rng.integers(0, 256, (96, 200, 3), dtype=np.uint8)
   Image.fromarray(wide).save(tmp_path / "wide.png")
-  out = inference.load_first_frame(tmp_path / "wide.png", 48, 64)
+  out = inference.load_first_frame(tmp_path / "wide.png", 48, 64, "crop")
   resized = np.asarray(Image.fromarray(wide).resize((100, 48), Image.BICUBIC), np.float32)
   np.testing.assert_allclose(out, resized[:, 18:82] / 127.5 - 1.0, atol=1e-6)
   assert out.shape == (48, 64, 3) and out.min() >= -1 and out.max() <= 1
+  # 'pad': the square fits as 48x48 in the middle, 8 black columns each side.
+  out = inference.load_first_frame(tmp_path / "square.png", 48, 64, "pad")
+  np.testing.assert_array_equal(out[:, :8], -1.0)
+  np.testing.assert_array_equal(out[:, -8:], -1.0)
+  fitted = np.asarray(Image.fromarray(square).resize((48, 48), Image.BICUBIC), np.float32)
+  np.testing.assert_allclose(out[:, 8:56], fitted / 127.5 - 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="resize mode must be one of"):
+    inference.load_first_frame(tmp_path / "same.png", 48, 64, "squash")
 
 
 def test_tiny_inference_writes_videos(tmp_path):

@@ -1,5 +1,6 @@
 """Wan/EVA timestep schedules (spec/eva.md A.4, wan.md D and G)."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -50,3 +51,18 @@ def test_invalid_arguments():
     schedules.wan_timesteps(0)
   with pytest.raises(ValueError, match="shift"):
     schedules.wan_timesteps(10, shift=0.0)
+
+
+def test_eva_dpm_list_applies_the_shift_twice():
+  """EVA's dpm++ path: get_sampling_sigmas(40, 3) handed to a scheduler built with shift=3, which shifts
+  again (spec/eva_fidelity_models.md, section 2): 1000 ... 187, history timestep 187."""
+  from eva_jax.diffusion.sampler import SamplerConfig, make_schedule
+  ts, sigmas = schedules.eva_dpm_timesteps(40, 3.0)
+  assert ts[:3].tolist() == [1000, 997, 994] and ts[-3:].tolist() == [421, 321, 187] and len(ts) == 40
+  grid = np.linspace(1.0, 0.0, 41)[:40]
+  np.testing.assert_array_equal(ts, (9 * grid / (1 + 8 * grid) * 1000).astype(np.int64))  # shift 3 twice = 9
+  assert sigmas[-1] == 0.0 and sigmas.dtype == np.float32
+  sched = make_schedule(SamplerConfig(solver="dpm++", num_steps=40, shift=3.0))
+  assert float(sched.t_hist) == 187.0 and float(sched.t_nohist) == 1000.0
+  assert np.all(np.isfinite(np.asarray(jax.tree.leaves(sched.coeffs)[0])))
+  assert float(make_schedule(SamplerConfig(solver="unipc")).t_hist) == 71.0   # UniPC keeps its list

@@ -159,3 +159,29 @@ def test_tiny_fsdp_run_learns_and_resumes_exactly(tmp_path):
   for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert [m["loss"] for m in _metrics(tmp_path / "cut") if "loss" in m] == loss
+
+
+def test_online_clip_features_are_those_of_each_clips_first_frame():
+  """clip.source='online' (EVA): the CLIP features that go into the step are the frozen encoder's output
+  on frame 0 of that step's clips (not zeros, different for different crops)."""
+  from eva_jax import weights as weights_lib
+  from eva_jax.models.clip import clip_config
+  from eva_jax.models.wan import wan_config
+  c = sft_config.get_config("tiny")
+  c.clip.update(dict(source="online", preset="tiny", checkpoint="", dtype="float32"))
+  wan_cfg = wan_config("tiny-i2v", image_dim=32)
+  mesh = parallel.make_mesh(dict(c.mesh))
+  cond = sft.Conditioner(c, wan_cfg, mesh)
+  rng = np.random.default_rng(0)
+  video = rng.uniform(-1, 1, (8, 5, 32, 32, 3)).astype(np.float32)
+  video[1] = video[0]
+  video[1, 0, :, :16] = -1.0                                    # another crop of the same first frame
+  out = cond({"video": video, "caption_id": np.arange(8)})
+  clip = weights_lib.load_module("clip", "random", clip_config("tiny"), seed=c.seed + 2)
+  want = np.asarray(clip.encode_image(jax.numpy.asarray(video[:, 0])))
+  assert rel_err(out["clip_fea"], want) < 1e-5                  # sharded over 8 devices vs one
+  assert out["clip_fea"].shape == (8, clip_config("tiny").num_tokens, 32) and np.abs(out["clip_fea"]).max() > 0
+  assert not np.allclose(out["clip_fea"][0], out["clip_fea"][1])
+  c.data.load_video_latent = True
+  with pytest.raises(ValueError, match="load_video_latent=True loads no pixels"):
+    sft.Conditioner(c, wan_cfg, mesh)

@@ -151,3 +151,17 @@ def test_real_size_shapes_and_param_count():
   assert n == 5_680_910_336  # spec/wan.md C.2
   assert nnx.to_pure_dict(state)["blocks"]["attn"]["rel_bias"].shape == (24, 32, 64)
   assert state["blocks"]["ffn"]["wi_0"]["kernel"].get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+
+
+def test_captions_are_ftfy_cleaned_as_eva_does(tmp_path):
+  """Curly quotes, a ligature and a full-width word tokenize as their ftfy-cleaned forms (EVA always
+  runs ftfy before tokenizing); the raw characters would be <unk> for this tokenizer."""
+  words = ["lift", "the", "first", "arm", "now", '"']
+  tok = T5Tokenizer(make_tiny_tokenizer(tmp_path / "tok", words), max_length=12)
+  fancy = "\u201cLift\u201d the \ufb01rst arm \uff4e\uff4f\uff57"        # “Lift” the ﬁrst arm ｎｏｗ
+  plain = '"Lift" the first arm now'
+  ids, _ = tok([fancy, plain])
+  np.testing.assert_array_equal(ids[0], ids[1])
+  assert 2 not in ids[0].tolist()                                      # no <unk>
+  raw = T5Tokenizer(tmp_path / "tok", max_length=12, clean=False)([fancy])[0]
+  assert 2 in raw[0].tolist()                                          # uncleaned: unknown tokens

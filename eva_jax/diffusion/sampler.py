@@ -96,7 +96,10 @@ class Schedule(NamedTuple):
 
 
 def make_schedule(cfg: SamplerConfig) -> Schedule:
-  ts, sigmas = schedules.wan_timesteps(cfg.num_steps, cfg.shift, cfg.double_shift)
+  if cfg.solver == "dpm++":  # EVA gives its DPM++ path its own list (shift applied twice: 1000 ... 187)
+    ts, sigmas = schedules.eva_dpm_timesteps(cfg.num_steps, cfg.shift)
+  else:
+    ts, sigmas = schedules.wan_timesteps(cfg.num_steps, cfg.shift, cfg.double_shift)
   coeffs = solvers.get_solver(cfg.solver).prepare(sigmas)
   ts = jnp.asarray(ts, jnp.float32)
   return Schedule(ts, coeffs, ts[-1], ts[0])

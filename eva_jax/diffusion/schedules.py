@@ -68,6 +68,23 @@ def wan_timesteps(num_steps: int = 40, shift: float = 3.0, double_shift: bool = 
   return timesteps, sigmas
 
 
+def eva_dpm_timesteps(num_steps: int = 40, shift: float = 3.0,
+                      num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[np.ndarray, np.ndarray]:
+  """EVA's schedule for `solver='dpm++'`: (timesteps int64 [num_steps], sigmas float32 [num_steps + 1]).
+
+  EVA builds the grid `shift(linspace(1, 0, n + 1)[:n])` (get_sampling_sigmas) and hands it to a DPM++
+  scheduler constructed with the same shift, whose set_timesteps shifts it again: the sigmas are
+  shift(shift(σ)) = shift by s², in float64, truncated to integer timesteps. For 40 steps at shift 3 the
+  list runs [1000, 997, 994, ..., 421, 321, 187]; its last entry, 187, is then the history timestep.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  grid = np.linspace(1.0, 0.0, num_steps + 1)[:num_steps]
+  sigmas = shift_sigma(shift_sigma(grid, shift), shift)
+  timesteps = (sigmas * num_train_timesteps).astype(np.int64)
+  return timesteps, np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> np.ndarray:
   """Wan's `get_sampling_sigmas` grid: `shift(linspace(1, 0, n + 1)[:n])` plus a final 0 (float32)."""
   sigmas = shift_sigma(np.linspace(1.0, 0.0, num_steps + 1)[:num_steps], shift)
@@ -78,3 +95,4 @@ if __name__ == "__main__":
   for double in (True, False):
     ts, ss = wan_timesteps(double_shift=double)
     print(f"double_shift={double}: timesteps={ts.tolist()}\n  sigmas={[round(float(v), 4) for v in ss]}")
+  print(f"dpm++ (EVA): timesteps={eva_dpm_timesteps()[0].tolist()}")

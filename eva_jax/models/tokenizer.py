@@ -21,16 +21,12 @@ import numpy as np
 
 
 def clean_text(text: str) -> str:
-  """Wan's prompt cleaning: ftfy (when installed), double HTML unescape, whitespace collapse.
-
-  ftfy only repairs mis-decoded unicode (mojibake); for ordinary captions it changes nothing. It is
-  not a dependency of eva_jax, so it is applied only if importable.
+  """Wan/EVA's prompt cleaning, always applied as EVA does: ftfy.fix_text, double HTML unescape,
+  whitespace collapse. ftfy repairs mojibake and normalises curly quotes, ligatures and full-width
+  characters, so such captions tokenize as EVA's do.
   """
-  try:
-    import ftfy  # pylint: disable=g-import-not-at-top
-    text = ftfy.fix_text(text)
-  except ImportError:
-    pass
+  import ftfy  # pylint: disable=g-import-not-at-top (a dependency; imported here to keep import light)
+  text = ftfy.fix_text(text)
   text = html.unescape(html.unescape(text))
   return re.sub(r"\s+", " ", text).strip()
 

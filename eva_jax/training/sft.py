@@ -250,8 +250,10 @@ class Conditioner:
   """Fills 'latents', 'prompt_embeds', 'clip_fea' of a host batch that lacks them.
 
   latents: online VAE encoding of 'video' (config.vae); prompt_embeds: text.source 'synthetic' is a
-  fixed Gaussian embedding per caption (smoke runs only: no umT5); clip_fea: clip.source 'zeros'
-  (EVA feeds CLIP features of frame 0; with 'zeros' the image branch sees a constant).
+  fixed Gaussian embedding per caption (smoke runs only: no umT5); clip_fea: clip.source 'online' is
+  EVA's: the frozen CLIP encoder (config.clip) on frame 0 of each training clip, after its random cut
+  and crop, every step (algorithms/wan/wan_i2v.py); 'cached' reads data.load_clip_embed files; 'zeros'
+  is a smoke-run stand-in (the image branch then sees a constant).
   """
 
   def __init__(self, config, wan_cfg, mesh):
@@ -263,8 +265,15 @@ class Conditioner:
       self._encode = jax.jit(lambda st, v: nnx.merge(gdef, st).encode(v))
     if config.text.source not in ("cached", "synthetic"):
       raise ValueError(f"text.source must be 'cached' or 'synthetic', got {config.text.source!r}")
-    if config.clip.source not in ("cached", "zeros"):
-      raise ValueError(f"clip.source must be 'cached' or 'zeros', got {config.clip.source!r}")
+    if config.clip.source not in ("online", "cached", "zeros"):
+      raise ValueError(f"clip.source must be 'online', 'cached' or 'zeros', got {config.clip.source!r}")
+    self._clip = None
+    if config.clip.source == "online" and wan_cfg is not None and wan_cfg.is_i2v:
+      if config.data.load_video_latent:
+        raise ValueError("clip.source='online' encodes each training clip's first frame, but "
+                         "data.load_video_latent=True loads no pixels: set data.load_video_latent=False, "
+                         "or use clip.source='cached'")
+      self._clip = self._clip_encoder()
 
   def vae(self):
     """(graphdef, state) of the VAE: config.vae.checkpoint (any VAE source of eva_jax.weights) or random
@@ -278,6 +287,24 @@ class Conditioner:
       self._vae = weights.load("vae", source, vae_config(config.vae.preset), mesh=self.mesh, seed=config.seed + 1)
     return self._vae
 
+  def _clip_encoder(self):
+    """Jitted `video -> CLIP(video[:, 0])` of config.clip (any CLIP source of eva_jax.weights)."""
+    from eva_jax.models.clip import clip_config
+    c = self.config.clip
+    cfg = clip_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.dtype))
+    if cfg.width != self.wan_cfg.image_dim:
+      raise ValueError(f"clip.preset={c.preset!r} gives {cfg.width}-d features, the DiT's image_dim is "
+                       f"{self.wan_cfg.image_dim}")
+    if not c.checkpoint:
+      logging.warning("clip.checkpoint is empty: a random-weight CLIP (smoke runs only)")
+    gdef, state = weights.load("clip", c.checkpoint or "random", cfg, mesh=self.mesh, seed=self.config.seed + 2)
+    encode = jax.jit(lambda st, v: nnx.merge(gdef, st).encode_image(v[:, 0]).astype(jnp.float32))
+    return lambda video: encode(state, video)
+
+  def _to_host(self, x: jax.Array, sharding) -> np.ndarray:
+    """This host's rows of a global array (on multi-host runs it spans other processes' devices)."""
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, self.mesh, sharding.spec))
+
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     if "latents" in batch:
@@ -287,9 +314,7 @@ class Conditioner:
         raise ValueError("batch has neither cached 'latents' nor 'video' to encode")
       sh = parallel.named_sharding(self.mesh, ("act_batch", None, None, None, None))
       video = jax.make_array_from_process_local_data(sh, batch["video"])
-      latents = self._encode(self._vae[1], video)
-      # back to this host's rows (a global array spans other processes' devices on multi-host runs)
-      out["latents"] = np.asarray(multihost_utils.global_array_to_host_local_array(latents, self.mesh, sh.spec))
+      out["latents"] = self._to_host(self._encode(self._vae[1], video), sh)
     b = out["latents"].shape[0]
     if "prompt_embeds" in batch:
       out["prompt_embeds"] = batch["prompt_embeds"]
@@ -305,10 +330,17 @@ class Conditioner:
     if self.wan_cfg.is_i2v:
       if "clip_fea" in batch:
         out["clip_fea"] = batch["clip_fea"]
+      elif self._clip is not None:
+        if "video" not in batch:
+          raise ValueError("clip.source='online' needs the batch's 'video' pixels")
+        sh = parallel.named_sharding(self.mesh, ("act_batch", None, None, None, None))
+        feats = self._clip(jax.make_array_from_process_local_data(sh, batch["video"]))
+        out["clip_fea"] = self._to_host(feats, parallel.named_sharding(self.mesh, ("act_batch", None, None)))
       elif self.config.clip.source == "zeros":
         out["clip_fea"] = np.zeros((b, 257, self.wan_cfg.image_dim), np.float32)
       else:
-        raise ValueError("batch has no 'clip_fea': set data.load_clip_embed=True or clip.source='zeros'")
+        raise ValueError("batch has no 'clip_fea': set clip.source='online' (EVA), data.load_clip_embed=True "
+                         "with clip.source='cached', or clip.source='zeros' (smoke runs)")
     return out
 
 
