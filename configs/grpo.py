@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       remat="full", lora_rank=32, lora_alpha=32.0, num_layers=0,    # num_layers 0 = the preset's
       sharded_init=True))   # init inside jit with out_shardings (no device holds all 14B); False: eager
   c.vae = ml_collections.ConfigDict(dict(preset="wan2.1", checkpoint=""))
+  # CLIP of each rollout's first frame, fed to the rollout, ratio and KL passes (EVA's exp_flow_grpo.py):
+  # 'online' (checkpoint: the Wan release's CLIP .pth or its converted dir) | 'zeros' (smoke runs only).
+  c.clip = ml_collections.ConfigDict(dict(source="online", preset="vit-h-14", checkpoint="", dtype="bfloat16"))
 
   # Reward: EVA's IDM and smoothness constants (spec/eva.md C). The IDM checkpoint is required.
   sm = piper_aloha()
@@ -63,8 +66,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict(dict(
       checkpoint_every=10, keep_checkpoints=3, video_every=10, plot_every=10, num_videos=2))
 
-  if arg.variant == "tiny":
+  # Resolution: '14b' is the inference repo's 480x640 (RobbinW/EVA video_base.yaml); '14b_832' the
+  # 480x832 of the training fork that ran SFT and GRPO (RobbinW/large-video-planner video_base.yaml),
+  # at which the released IDM was also evaluated (832x480 crops). docs/grpo.md, "Resolution".
+  if arg.variant == "14b_832":
+    c.sample.update(dict(latent_height=60, latent_width=104))
+  elif arg.variant == "tiny":
     c.num_iterations = 3
+    c.clip.source = "zeros"
     c.model.update(dict(preset="tiny-i2v", dtype="float32", param_dtype="float32", attention="xla",
                         remat="none", lora_rank=4, lora_alpha=4.0, sharded_init=False))
     c.vae.preset = "tiny"
@@ -76,5 +85,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(dict(kind="synthetic", text_source="synthetic", num_conditions=4, text_tokens=16))
     c.log.update(dict(checkpoint_every=1, video_every=2, plot_every=2, num_videos=1))
   elif arg.variant != "14b":
-    raise ValueError(f"configs/grpo.py: unknown variant {arg.variant!r}; choose '14b' or 'tiny'")
+    raise ValueError(f"configs/grpo.py: unknown variant {arg.variant!r}; choose '14b', '14b_832' or 'tiny'")
   return c

@@ -60,7 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       grad_clip_value=1.0, accumulate_steps=4))
 
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=8, num_steps=10000, ema_decay=0.0, log_every=10, checkpoint_every=500,
+      # batch_size is GLOBAL (all devices and hosts together), per micro-step. EVA's is 2 per GPU
+      # (exp_video.yaml) on 8 GPUs = 16, with accumulate_steps 4: an effective batch of 64.
+      batch_size=16, num_steps=10000, ema_decay=0.0, log_every=10, checkpoint_every=500,
       keep_checkpoints=3, async_checkpoint=True, resume=True))
   # Validation: loss on the held-out split with fixed noise (the metric for best/), and sampled
   # mp4s from the first frames when the sampler is available (sample_every 0 = off).
@@ -69,7 +71,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.mesh = mesh_config(data=1, fsdp=-1)
 
-  if arg.variant == "tiny":
+  # Resolution: '14b' = the inference repo's 480x640; '14b_832' = the training fork's 480x832
+  # (RobbinW/large-video-planner video_base.yaml; its prepare_embeds requires that size).
+  # 'lvp_history': the training fork's diffusion-forcing history (lengths 1..6 with p 0.5, 0.1 x 5;
+  # clean history with p 0.5; LVP wan_t2v.py / wan_t2v.yaml) instead of the EVA repo's {1, 2}, 0.7.
+  if arg.variant == "14b_832":
+    c.data.update(dict(height=480, width=832))
+  elif arg.variant == "lvp_history":
+    c.diffusion.update(dict(hist_len_choices=(1, 2, 3, 4, 5, 6), hist_len_probs=(0.5, 0.1, 0.1, 0.1, 0.1, 0.1),
+                            clean_hist_prob=0.5))
+  elif arg.variant == "tiny":
     c.model.update(dict(preset="tiny-i2v", dtype="float32", attention="xla", remat="none"))
     c.vae.preset = "tiny"
     c.text.source = "synthetic"
@@ -81,5 +92,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         async_checkpoint=False))
     c.eval.update(dict(every=10, num_batches=1, batch_size=8))
   elif arg.variant != "14b":
-    raise ValueError(f"configs/sft.py: unknown variant {arg.variant!r}; choose '14b' or 'tiny'")
+    raise ValueError(f"configs/sft.py: unknown variant {arg.variant!r}; choose '14b', '14b_832', "
+                     "'lvp_history' or 'tiny'")
   return c

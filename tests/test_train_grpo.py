@@ -157,3 +157,37 @@ def test_csv_conditions_match_what_sft_trained_on(tmp_path):
   want = Conditioner(s, wan_cfg, mesh)({"latents": latents, "caption_id": ids})["prompt_embeds"]
   np.testing.assert_array_equal(cond["context"], want)
   np.testing.assert_array_equal(cond["clip_fea"], 0.0)
+
+
+def test_rollout_conditions_carry_clip_of_their_first_frame(tmp_path):
+  """clip.source='online' (EVA): the CLIP features a rollout (and its ratio and KL passes, which reuse the
+  batch's cond) sees are the CLIP encoder's output on that rollout's own first frame."""
+  from eva_jax import weights
+  from eva_jax.data.metadata import write_metadata
+  from eva_jax.data.video import write_video
+  from eva_jax.models.clip import clip_config
+  from eva_jax.models.wan import wan_config
+  from eva_jax.parallel import make_mesh
+  rng = np.random.default_rng(0)
+  recs = []
+  for i in range(2):
+    write_video(tmp_path / f"v{i}.mp4", rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), fps=16)
+    recs.append(dict(video_path=f"v{i}.mp4", caption=f"task {i}", height=32, width=32, fps=16.0, n_frames=5,
+                     split="training"))
+  write_metadata(tmp_path / "meta.csv", recs)
+  c = grpo_config.get_config("tiny")
+  assert grpo_config.get_config("14b").clip.source == "online"       # EVA's default at real size
+  c.clip.update(dict(source="online", preset="tiny", dtype="float32"))
+  c.data.update(dict(kind="csv", data_root=str(tmp_path), metadata_path="meta.csv", num_conditions=2))
+  mesh = make_mesh({"data": -1})
+  wan_cfg = wan_config("tiny-i2v", image_dim=32)
+  gdef, state = grpo.build_vae(c, mesh)
+  _, cond = conditions.csv_conditions(c, wan_cfg, gdef, state, grpo.build_clip_encoder(c, wan_cfg, mesh))
+  clip = weights.load_module("clip", "random", clip_config("tiny"), seed=c.seed + 2)
+  for i in range(2):
+    frame = conditions.first_frame(tmp_path / f"v{i}.mp4", 32, 32)
+    want = np.asarray(clip.encode_image(jnp.asarray(frame)))[0]
+    np.testing.assert_allclose(cond["clip_fea"][i], want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(cond["clip_fea"][0], cond["clip_fea"][1])
+  with pytest.raises(ValueError, match="image_dim is 20"):
+    grpo.build_clip_encoder(c, wan_config("tiny-i2v"), mesh)

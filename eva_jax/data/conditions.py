@@ -57,13 +57,15 @@ def caption_text(caption: str, text_tokens: int, text_dim: int) -> np.ndarray:
   return rng.standard_normal((text_tokens, text_dim)).astype(np.float32)
 
 
-def csv_conditions(config, wan_cfg, vae_gdef, vae_state) -> tuple[np.ndarray, dict]:
+def csv_conditions(config, wan_cfg, vae_gdef, vae_state, clip_encode=None) -> tuple[np.ndarray, dict]:
   """First frames and conditioning of the first `data.num_conditions` rows of an EVA metadata CSV.
 
   Frame 0 of each video is VAE-encoded to the clean history latent. Text: the cached umT5 embedding
   (`prompt_embed_path`, data.text_source 'cached'; .npy from scripts/cache_embeddings.py or EVA's .pt)
   or, for smoke runs, the fixed Gaussian embedding per caption that SFT's text.source='synthetic' uses.
-  CLIP features: zeros (SFT's clip.source 'zeros').
+  CLIP features: `clip_encode(frame [1, H, W, 3] in [-1, 1]) -> [1, 257, image_dim]` of the same first
+  frame (EVA: the rollout, ratio and KL passes all see CLIP of frame 0), or zeros without an encoder
+  (clip.source 'zeros', smoke runs).
   """
   d, s = config.data, config.sample
   root = pathlib.Path(d.data_root)
@@ -74,10 +76,12 @@ def csv_conditions(config, wan_cfg, vae_gdef, vae_state) -> tuple[np.ndarray, di
     raise ValueError(f"{root / d.metadata_path}: split {d.split!r} has {len(records)} rows, "
                      f"data.num_conditions={d.num_conditions}")
   encode = jax.jit(lambda st, v: nnx.merge(vae_gdef, st).encode(v))
-  firsts, texts = [], []
+  firsts, texts, clips = [], [], []
   for rec in records:
     frame = first_frame(root / rec["video_path"], 8 * s.latent_height, 8 * s.latent_width)
     firsts.append(np.asarray(encode(vae_state, jnp.asarray(frame[None]))[0]))   # [1, h, w, 16]
+    if clip_encode is not None:
+      clips.append(np.asarray(clip_encode(jnp.asarray(frame)), np.float32)[0])
     if d.text_source == "cached":
       if not rec.get("prompt_embed_path"):
         raise ValueError(f"{root / d.metadata_path}: row {rec.get('video_path')!r} has no prompt_embed_path "
@@ -86,5 +90,5 @@ def csv_conditions(config, wan_cfg, vae_gdef, vae_state) -> tuple[np.ndarray, di
     else:
       texts.append(caption_text(rec.get("caption", ""), d.text_tokens, wan_cfg.text_dim))
   n = len(records)
-  return np.stack(firsts), dict(context=np.stack(texts).astype(np.float32),
-                                clip_fea=np.zeros((n, 257, wan_cfg.image_dim), np.float32))
+  clip_fea = np.stack(clips) if clips else np.zeros((n, 257, wan_cfg.image_dim), np.float32)
+  return np.stack(firsts), dict(context=np.stack(texts).astype(np.float32), clip_fea=clip_fea)

@@ -87,6 +87,24 @@ def build_vae(config, mesh):
                       seed=config.seed + 1)
 
 
+def build_clip_encoder(config, wan_cfg, mesh):
+  """`frames [B, H, W, 3] -> CLIP features [B, 257, image_dim]` of config.clip (source 'online': EVA's
+  CLIP of each rollout's first frame), or None for clip.source 'zeros' (smoke runs)."""
+  c = config.get("clip")
+  if c is None or c.source == "zeros":
+    return None
+  if c.source != "online":
+    raise ValueError(f"clip.source must be 'online' or 'zeros', got {c.source!r}")
+  from eva_jax.models.clip import clip_config
+  cfg = clip_config(c.preset, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.dtype))
+  if cfg.width != wan_cfg.image_dim:
+    raise ValueError(f"clip.preset={c.preset!r} gives {cfg.width}-d features, the DiT's image_dim is "
+                     f"{wan_cfg.image_dim}")
+  gdef, state = weights.load("clip", c.checkpoint or "random", cfg, mesh=mesh, seed=config.seed + 2)
+  encode = jax.jit(lambda st, x: nnx.merge(gdef, st).encode_image(x).astype(jnp.float32))
+  return lambda frames: encode(state, frames)
+
+
 def load_idm(config, mesh):
   """The reward IDM in eval mode, (graphdef, state), from `config.reward.idm_checkpoint`: the released
   IDM_singleview.pt, a train_idm run (its config.json gives the architecture), or a converted orbax
@@ -218,7 +236,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     start = int(meta.get("iteration", ckpt.latest_step()))
 
   if config.data.kind == "csv":
-    table = conditions.csv_conditions(config, wan_cfg, vae_gdef, vae_state)
+    table = conditions.csv_conditions(config, wan_cfg, vae_gdef, vae_state,
+                                      build_clip_encoder(config, wan_cfg, mesh))
   elif config.data.kind == "synthetic":
     table = None
   else:
