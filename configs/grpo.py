@@ -54,13 +54,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="adamw", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
       schedule="constant", warmup_steps=0, total_steps=0, grad_clip_norm=1.0, grad_clip_value=0.0, accumulate_steps=1))
 
-  # First frames and their conditioning; num_conditions distinct first frames are cycled through.
-  # 'csv': the first rows of an EVA metadata CSV (frame 0 VAE-encoded; text from prompt_embed_path
-  # with text_source 'cached', or SFT's per-caption Gaussian stand-in with 'synthetic'; CLIP zeros).
-  # 'synthetic': seeded random latents / text / CLIP features (smoke runs and benchmarks).
+  # First frames and their conditioning. kind 'csv': an EVA metadata CSV, with
+  #   start 'random' (EVA): each iteration a random training record, and each of its group_size rollouts
+  #     starts from frame 0 of its own random temporal cut + RandomResizedCrop (aug_scale, aug_ratio),
+  #     as an SFT clip is loaded (eva_jax/data/conditions.py RolloutStarts);
+  #   start 'cycle': frame 0 of the first num_conditions rows in turn, centre-cropped (evaluation, demo).
+  # Frames are VAE-encoded; text from prompt_embed_path (text_source 'cached') or SFT's per-caption
+  # Gaussian stand-in ('synthetic'); CLIP per config.clip.
+  # kind 'synthetic': seeded random latents / text / CLIP features (smoke runs and benchmarks).
   c.data = ml_collections.ConfigDict(dict(
-      kind="csv", data_root="", metadata_path="robotwin_videos.csv", split="training",
-      text_source="cached", num_conditions=8, text_tokens=512))
+      kind="csv", start="random", data_root="", metadata_path="robotwin_videos.csv", split="training",
+      text_source="cached", num_conditions=8, text_tokens=512, fps=16.0, trim_mode="random_cut",
+      pad_mode="slowdown", aug_scale=(0.8, 1.0), aug_ratio=(0.98, 1.02), camera="head_camera"))
 
   c.mesh = mesh_config(data=-1)
   c.log = ml_collections.ConfigDict(dict(

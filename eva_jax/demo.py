@@ -231,7 +231,7 @@ def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
                      "conditions need 'zeros'")
   # Wan VAE: 8× spatial and 4× temporal compression (first frame kept), so 1 + 4k frames.
   return {"seed": ctx.config.seed, "num_iterations": c.num_iterations,
-          "data.kind": "csv", "data.data_root": str(ctx.data_root),
+          "data.kind": "csv", "data.start": "cycle", "data.data_root": str(ctx.data_root),
           "data.metadata_path": toyworld.CSV_NAME, "data.split": "training",
           "data.num_conditions": c.num_conditions,
           "data.text_source": sft.text.source, "data.text_tokens": sft.data.max_text_tokens,

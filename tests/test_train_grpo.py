@@ -191,3 +191,54 @@ def test_rollout_conditions_carry_clip_of_their_first_frame(tmp_path):
   assert not np.allclose(cond["clip_fea"][0], cond["clip_fea"][1])
   with pytest.raises(ValueError, match="image_dim is 20"):
     grpo.build_clip_encoder(c, wan_config("tiny-i2v"), mesh)
+
+
+def test_eva_rollout_starts_random_record_cut_and_crop(tmp_path):
+  """data.start='random' (EVA): one random record per iteration, seeded by the iteration (a resumed run
+  draws the same); every rollout of a group starts from frame 0 of its own random cut + crop of that
+  record; the batch's first latents and CLIP features are those of the frames drawn."""
+  import math
+
+  from eva_jax import weights
+  from eva_jax.data import toyworld
+  from eva_jax.data.video_dataset import random_resized_crop_box, temporal_indices
+  from eva_jax.models.clip import clip_config
+  from eva_jax.models.wan import wan_config
+  from eva_jax.parallel import make_mesh
+
+  toyworld.generate_dataset(tmp_path, 4, seed=0, size=32, n_frames=17, val_fraction=0.25)
+  c = grpo_config.get_config("tiny")
+  c.clip.update(dict(source="online", preset="tiny", dtype="float32"))
+  c.data.update(dict(kind="csv", start="random", data_root=str(tmp_path), metadata_path=toyworld.CSV_NAME))
+  c.sample.update(dict(latent_frames=2, latent_height=4, latent_width=4, group_size=4, num_prompts=2))
+  wan_cfg = wan_config("tiny-i2v", image_dim=32)
+  starts = conditions.RolloutStarts(c, wan_cfg)
+  assert len(starts.records) == 3                                   # the training split
+  ids = [starts.record_ids(it).tolist() for it in range(6)]
+  assert ids == [conditions.RolloutStarts(c, wan_cfg).record_ids(it).tolist() for it in range(6)]  # resume
+  assert len({tuple(i) for i in ids}) > 1                            # the draw moves with the iteration
+  rows = list(range(8))
+  rec, frames, texts = starts(3, rows)
+  assert rec.tolist() == np.repeat(ids[3], 4).tolist() and frames.shape == (8, 32, 32, 3)
+  assert all(not np.array_equal(frames[0], frames[g]) for g in range(1, 4))   # own cut + crop each
+  np.testing.assert_array_equal(texts[0], texts[3])                # one caption per group
+  for r in rows:                                                    # frame 0 of the whole-clip load
+    record = starts.records[rec[r]]
+    full = starts.loader.video(record, starts.rollout_rng(3, r))
+    np.testing.assert_array_equal(frames[r], full[0])
+    rng = starts.rollout_rng(3, r)                                  # the same draws, one by one
+    temporal_indices(record["n_frames"], record["fps"], 5, 16.0, "random_cut", "slowdown", rng)
+    top, left, h, w = random_resized_crop_box(32, 32, (0.8, 1.0), (0.98, 1.02), rng)
+    assert 0.8 * 32 * 32 - 64 <= h * w <= 32 * 32 and abs(math.log(w / h)) <= math.log(1.02) + 0.07
+
+  mesh = make_mesh({"data": -1})
+  gdef, state = grpo.build_vae(c, mesh)
+  batches = grpo._StartBatches(c, wan_cfg, mesh, gdef, state, grpo.build_clip_encoder(c, wan_cfg, mesh))
+  first, cond = batches(3)
+  video = jnp.asarray(frames[:, None], jnp.float32)
+  want = jax.jit(lambda st, v: nnx.merge(gdef, st).encode(v))(state, video)
+  np.testing.assert_allclose(np.asarray(first), np.asarray(want), rtol=1e-5, atol=1e-5)
+  clip = weights.load_module("clip", "random", clip_config("tiny"), seed=c.seed + 2)
+  np.testing.assert_allclose(np.asarray(cond["clip_fea"]), np.asarray(clip.encode_image(video[:, 0])),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(cond["context"]), texts)

@@ -1,7 +1,8 @@
 """What GRPO rollouts are conditioned on: clean first-frame latents, text contexts and CLIP features.
 
   first, cond = synthetic_conditions(config, wan_cfg, ids)           # seeded stand-ins (smoke runs)
-  first, cond = csv_conditions(config, wan_cfg, vae_gdef, vae_state)  # an EVA metadata CSV
+  first, cond = csv_conditions(config, wan_cfg, vae_gdef, vae_state)  # the first rows of a CSV, cycled
+  starts = RolloutStarts(config, wan_cfg); recs, frames, texts = starts(it, rows)   # EVA's random starts
 
 `first` is [N, 1, h, w, 16] (the VAE latent of frame 0), `cond` is {'context': [N, L, text_dim],
 'clip_fea': [N, 257, image_dim]}. `config` is configs/grpo.py's (`data`, `sample`, `seed`).
@@ -92,3 +93,59 @@ def csv_conditions(config, wan_cfg, vae_gdef, vae_state, clip_encode=None) -> tu
   n = len(records)
   clip_fea = np.stack(clips) if clips else np.zeros((n, 257, wan_cfg.image_dim), np.float32)
   return np.stack(firsts), dict(context=np.stack(texts).astype(np.float32), clip_fea=clip_fea)
+
+
+# MARK: EVA's rollout starts
+
+
+class RolloutStarts:
+  """Where EVA's GRPO rollouts start (RobbinW/large-video-planner experiments/exp_flow_grpo.py).
+
+  Each iteration draws `sample.num_prompts` training records uniformly at random (EVA: 1 per epoch);
+  every one of the `sample.group_size` rollouts of a record loads it on its own, with its own random
+  temporal cut (trim_mode 'random_cut') and RandomResizedCrop (data.aug_scale 0.8–1.0, aspect within
+  data.aug_ratio ±2 %, bicubic), exactly as an SFT training clip is loaded, and starts from frame 0 of
+  that clip. So a group shares caption and episode, not the first frame. All draws are seeded by
+  (seed, iteration[, rollout]), so a resumed run repeats an uninterrupted one; a host asks only for its
+  own rows.
+  """
+
+  def __init__(self, config, wan_cfg):
+    from eva_jax.data.video_dataset import ExampleLoader
+    d, s = config.data, config.sample
+    self.seed, self.group_size, self.num_prompts = int(config.seed), int(s.group_size), int(s.num_prompts)
+    self.text_source, self.text_tokens, self.text_dim = d.text_source, int(d.text_tokens), wan_cfg.text_dim
+    self.root = pathlib.Path(d.data_root)
+    self.records = load_records(self.root, d.metadata_path, d.split)
+    # the clip a rollout stands for: 4 (latent_frames - 1) + 1 frames at the reward's fps
+    n_frames = 4 * (int(s.latent_frames) - 1) + 1
+    self.loader = ExampleLoader(self.root, dict(
+        height=8 * s.latent_height, width=8 * s.latent_width, n_frames=n_frames, fps=float(d.fps),
+        trim_mode=d.trim_mode, pad_mode=d.pad_mode, augment=True, aug_scale=tuple(d.aug_scale),
+        aug_ratio=tuple(d.aug_ratio), camera=d.camera, load_prompt_embed=False), train=True)
+
+  def record_ids(self, iteration: int) -> np.ndarray:
+    """[num_prompts] indices into the split's records drawn for this iteration."""
+    rng = np.random.default_rng((self.seed, 7, iteration))
+    return rng.integers(0, len(self.records), self.num_prompts)
+
+  def rollout_rng(self, iteration: int, row: int) -> np.random.Generator:
+    return np.random.default_rng((self.seed, 8, iteration, row))
+
+  def __call__(self, iteration: int, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(record index per row, first frames [len(rows), H, W, 3] in [-1, 1], text [len(rows), L, D])
+    for batch rows `rows` (row r belongs to prompt r // group_size)."""
+    ids = self.record_ids(iteration)
+    rec_of = [int(ids[r // self.group_size]) for r in rows]
+    frames = np.stack([self.loader.video(self.records[i], self.rollout_rng(iteration, r), first_frame_only=True)[0]
+                       for r, i in zip(rows, rec_of)])
+    texts = np.stack([self._text(self.records[i]) for i in rec_of])
+    return np.asarray(rec_of), frames, texts
+
+  def _text(self, rec) -> np.ndarray:
+    if self.text_source == "cached":
+      if not rec.get("prompt_embed_path"):
+        raise ValueError(f"{self.root}: row {rec.get('row')} ({rec.get('video_path')!r}) has no prompt_embed_path "
+                         "(run scripts/cache_embeddings.py, or set data.text_source='synthetic')")
+      return load_prompt_embedding(self.root / rec["prompt_embed_path"], self.text_tokens)
+    return caption_text(rec.get("caption", ""), self.text_tokens, self.text_dim)

@@ -166,11 +166,14 @@ class ExampleLoader:
     except (FileNotFoundError, ValueError) as e:
       raise FileNotFoundError(f"{self._where(rec)}: cannot load {column}: {e}") from e
 
-  def video(self, rec, rng: np.random.Generator) -> np.ndarray:
-    """[T, H, W, 3] float32 in [-1, 1]."""
+  def video(self, rec, rng: np.random.Generator, first_frame_only: bool = False) -> np.ndarray:
+    """[T, H, W, 3] float32 in [-1, 1]. first_frame_only: [1, H, W, 3], the clip's frame 0 under the
+    same draws (cut, flip, crop) as the whole clip, reading one frame instead of T (GRPO's starts)."""
     n_src = rec.get("trim_end", rec["n_frames"]) - rec.get("trim_start", 0)
     idx = rec.get("trim_start", 0) + temporal_indices(
         n_src, rec["fps"], self.n_frames, self.fps, self.trim_mode, self.pad_mode, rng)
+    if first_frame_only:
+      idx = idx[:1]
     path = self.data_root / rec["video_path"]
     try:
       frames, _ = _read_frames(path, idx, self.camera)

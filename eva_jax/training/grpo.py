@@ -118,6 +118,36 @@ def load_idm(config, mesh):
   return nnx.split(idm)
 
 
+class _StartBatches:
+  """EVA's rollout starts (data.start='random', eva_jax.data.conditions.RolloutStarts) as global arrays:
+  each process loads and encodes only the rows its devices hold."""
+
+  def __init__(self, config, wan_cfg, mesh, vae_gdef, vae_state, clip_encode):
+    s = config.sample
+    self.starts = conditions.RolloutStarts(config, wan_cfg)
+    self.n = s.group_size * s.num_prompts
+    self.mesh, self.vae_state, self.clip_encode = mesh, vae_state, clip_encode
+    self.image_dim = wan_cfg.image_dim
+    self.encode = jax.jit(lambda st, v: nnx.merge(vae_gdef, st).encode(v))
+    rows_sh = named_sharding(mesh, ("act_batch",))
+    self.rows = sorted({r for sl in rows_sh.addressable_devices_indices_map((self.n,)).values()
+                        for r in range(*sl[0].indices(self.n))})
+
+  def _global(self, local: np.ndarray) -> jax.Array:
+    sh = named_sharding(self.mesh, ("act_batch",) + (None,) * (local.ndim - 1))
+    return jax.make_array_from_process_local_data(sh, local, (self.n,) + local.shape[1:])
+
+  def __call__(self, iteration: int):
+    _, frames, texts = self.starts(iteration, self.rows)
+    video = self._global(frames[:, None].astype(np.float32))                   # [B, 1, H, W, 3]
+    first = self.encode(self.vae_state, video)                                 # [B, 1, h, w, 16]
+    if self.clip_encode is not None:
+      clip = self.clip_encode(video[:, 0])
+    else:
+      clip = self._global(np.zeros((len(self.rows), 257, self.image_dim), np.float32))
+    return first, dict(context=self._global(texts.astype(np.float32)), clip_fea=clip)
+
+
 # MARK: checkpoint helpers
 
 
@@ -235,12 +265,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     lora, opt_state = _unflat(restored["lora"], lora), _unflat(restored["opt"], opt_state)
     start = int(meta.get("iteration", ckpt.latest_step()))
 
+  table = starts = None
   if config.data.kind == "csv":
-    table = conditions.csv_conditions(config, wan_cfg, vae_gdef, vae_state,
-                                      build_clip_encoder(config, wan_cfg, mesh))
-  elif config.data.kind == "synthetic":
-    table = None
-  else:
+    clip_encode = build_clip_encoder(config, wan_cfg, mesh)
+    start_mode = config.data.get("start", "cycle")
+    if start_mode == "random":   # EVA: a random record per iteration, a random cut and crop per rollout
+      starts = _StartBatches(config, wan_cfg, mesh, vae_gdef, vae_state, clip_encode)
+    elif start_mode == "cycle":  # the first data.num_conditions rows, in turn (evaluation, the demo)
+      table = conditions.csv_conditions(config, wan_cfg, vae_gdef, vae_state, clip_encode)
+    else:
+      raise ValueError(f"config.data.start must be 'random' or 'cycle', got {start_mode!r}")
+  elif config.data.kind != "synthetic":
     raise ValueError(f"config.data.kind must be 'synthetic' or 'csv', got {config.data.kind!r}")
 
   writer = MetricWriter(workdir)
@@ -252,7 +287,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     key = jax.random.fold_in(root, it)
     cond_ids = (it * s.num_prompts + np.arange(s.num_prompts)) % config.data.num_conditions
     rows = np.repeat(cond_ids, s.group_size)                     # group_size rollouts per condition
-    if table is None:
+    if starts is not None:
+      first, cond = starts(it)
+    elif table is None:
       first, cond = conditions.synthetic_conditions(config, wan_cfg, jnp.asarray(rows))
     else:
       first, cond = table[0][rows], {k: v[rows] for k, v in table[1].items()}
