@@ -45,7 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Rollouts: group_size rollouts for each of num_prompts first frames per iteration.
   c.sample = ml_collections.ConfigDict(dict(
       num_steps=40, shift=3.0, group_size=8, num_prompts=1, latent_frames=13, latent_height=60,
-      latent_width=80, sde_variant="eva", noise_level=0.7, eval_every=10))
+      latent_width=80, sde_variant="eva", noise_level=0.7, eval_every=10,
+      # False = EVA: the final latents are decoded as sampled; True puts the clean frame 0 back first
+      # (the IDM then sees the observed frame; the tiny/demo runs keep it).
+      decode_clean_first=False))
 
   c.train = ml_collections.ConfigDict(dict(
       timestep_fraction=0.99, num_inner_epochs=4, micro_batch=0, accum_micro=0, clip_range=1e-5,
@@ -79,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg.variant == "tiny":
     c.num_iterations = 3
     c.clip.source = "zeros"
+    c.sample.decode_clean_first = True
     c.model.update(dict(preset="tiny-i2v", dtype="float32", param_dtype="float32", attention="xla",
                         remat="none", lora_rank=4, lora_alpha=4.0, sharded_init=False))
     c.vae.preset = "tiny"

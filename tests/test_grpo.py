@@ -204,3 +204,22 @@ def test_zeroed_lora_is_exactly_the_wan_base_model():
   # under disable_lora (the `off` path), which is the base model itself.
   assert rel_err(ref, off) < 1e-6
   assert rel_err(with_lora, off) > 1e-4                               # the adapters did matter
+
+
+@pytest.mark.parametrize("clean_first", [True, False])
+def test_decoded_frame0_is_clean_or_as_sampled(clean_first):
+  """decode_clean_first=False decodes the final latents as sampled (EVA); True puts the clean frame back."""
+  from eva_jax.rl.rollout import RolloutConfig, make_rollout_fn
+  ts, sig = wan_timesteps(5)
+  _, _, _, base, lora, _ = _toy_setup()
+  batch = _toy_batch(jax.random.key(21), s=5)
+  cfg = RolloutConfig(sigma_max=float(sig[1]), t_hist=float(ts[-1]), decode_clean_first=clean_first)
+  decode = lambda _, z: z[..., :3] / 10.0                               # noqa: E731 (keeps values in [-1, 1])
+  actions = lambda _, v: jnp.zeros(v.shape[:2] + (14,))                 # noqa: E731
+  rollout = jax.jit(lambda b, k: make_rollout_fn(_toy_policy, decode, actions, ts, sig, cfg)(
+      dict(lora=lora, base=base, vae=None, idm=None), b, k, 2))
+  out = rollout(dict(clean_first=batch["clean_first"], cond=batch["cond"]), jax.random.key(5))
+  first = out["latents"][:, -1, :1] if not clean_first else batch["clean_first"]
+  np.testing.assert_allclose(np.asarray(out["video"][:, :1]), np.clip(np.asarray(first[..., :3]) / 10.0, -1, 1),
+                             atol=1e-6)
+  assert not np.allclose(np.asarray(out["latents"][:, -1, :1]), np.asarray(batch["clean_first"]))

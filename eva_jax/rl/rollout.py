@@ -36,6 +36,9 @@ class RolloutConfig:
   t_hist: float = 71.0
   fps: float = 16.0
   deterministic: bool = False           # evaluation: ODE (Euler) steps
+  # Decode the final latents with the clean frame 0 put back (eva_jax's default: the IDM sees the true
+  # first frame), or as sampled (EVA's exp_flow_grpo.py: frame 0 carries the last SDE step's noise).
+  decode_clean_first: bool = True
 
 
 def sample_latents(policy_fn: Callable, lora, base, clean_first: jax.Array, cond, noise: jax.Array,
@@ -90,7 +93,7 @@ def make_rollout_fn(policy_fn: Callable, decode_fn: Callable, actions_fn: Callab
     noise = jax.random.normal(k_noise, (b, num_latent_frames, h, w, c), jnp.float32)
     latents, log_probs = sample_latents(policy_fn, params["lora"], params["base"], clean_first,
                                         batch["cond"], noise, k_sde, timesteps, sigmas, cfg)
-    z = impose_first_frame(latents[:, -1], clean_first)
+    z = impose_first_frame(latents[:, -1], clean_first) if cfg.decode_clean_first else latents[:, -1]
     video = jnp.clip(decode_fn(params["vae"], z).astype(jnp.float32), -1.0, 1.0)
     actions = actions_fn(params["idm"], jnp.clip((video + 1.0) / 2.0, 0.0, 1.0))
     reward, terms = reward_lib.smoothness_reward_and_terms(actions, cfg.fps, reward_cfg)

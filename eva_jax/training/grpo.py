@@ -180,7 +180,8 @@ def _programs(config_json: str, gdef, vae_gdef, idm_gdef, mesh):
   n_train = int(s.num_steps * tr.timestep_fraction)
   ro_cfg = RolloutConfig(sde_variant=s.sde_variant, noise_level=s.noise_level,
                          sigma_max=float(sigmas[1]), sigma_min=float(sigmas[-1]),
-                         t_hist=float(timesteps[-1]), fps=config.reward.fps)
+                         t_hist=float(timesteps[-1]), fps=config.reward.fps,
+                         decode_clean_first=bool(s.get("decode_clean_first", True)))
   up_cfg = grpo_lib.GRPOUpdateConfig(
       num_train_timesteps=n_train, num_inner_epochs=tr.num_inner_epochs,
       micro_batch=tr.micro_batch or batch_size, accum_micro=tr.accum_micro, clip_range=tr.clip_range,
