@@ -42,3 +42,27 @@ def test_two_processes_train_save_and_resume(tmp_path):
   assert steps[-1] == 4
   logged = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
   assert logged[-1] == 4 and len(set(logged)) == len(logged)      # steps 3-4 continue, none repeated
+
+
+def test_two_process_grpo(tmp_path):
+  """GRPO on 2 processes × 4 devices: rewards and videos gathered across hosts before they are read,
+  one metrics line per iteration (process 0 writes), the adapter exported once."""
+  from flax import nnx
+
+  from eva_jax.models.idm import IDM, idm_config
+  from eva_jax.training.checkpoints import Checkpointer
+  idm = IDM(idm_config("tiny"), rngs=nnx.Rngs(3))
+  with Checkpointer(tmp_path / "idm", async_save=False) as ck:
+    ck.save(1, {"model_state_dict": nnx.to_pure_dict(nnx.state(idm))})
+  run = tmp_path / "run"
+  cmd = [sys.executable, str(ROOT / "scripts/launch/local_cpu.py"), "--processes", "2", "--devices", "4",
+         "--timeout", "600", "--", "scripts/train_grpo.py", "--config=configs/grpo.py:tiny",
+         f"--config.reward.idm_checkpoint={tmp_path / 'idm'}", "--config.num_iterations=2",
+         "--config.sample.eval_every=0", "--config.log.video_every=1", f"--workdir={run}"]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+  assert out.returncode == 0, out.stdout[-3000:]
+  steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if "reward_mean" in l]
+  assert steps == [0, 1]
+  assert (run / "lora_adapter" / "adapter_model.safetensors").is_file()
+  assert sorted(p.name for p in (run / "videos").iterdir()) == ["iter00000_0.mp4", "iter00001_0.mp4"]

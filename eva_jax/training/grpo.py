@@ -294,7 +294,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
       first, cond = conditions.synthetic_conditions(config, wan_cfg, jnp.asarray(rows))
     else:
       first, cond = table[0][rows], {k: v[rows] for k, v in table[1].items()}
-    batch = jax.device_put(dict(clean_first=first, cond=cond), prog.batch_shardings)
+    batch = _put_global(dict(clean_first=first, cond=cond), prog.batch_shardings)
     params = dict(lora=lora, base=base, vae=vae_state, idm=idm_state)
     t0 = time.perf_counter()
     ro = prog.rollout(params, batch, jax.random.fold_in(key, 0))
@@ -308,33 +308,44 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     jax.block_until_ready(lora)
     t2 = time.perf_counter()
 
-    reward = np.asarray(jax.device_get(ro["reward"]))
+    # Rollout outputs span every process's devices: gathered (a collective, on every process) before
+    # they are read; files are written by process 0 only.
+    log = config.log
+    plot = bool(log.plot_every) and (it % log.plot_every == 0 or it == config.num_iterations - 1)
+    video = bool(log.video_every) and (it % log.video_every == 0 or it == config.num_iterations - 1)
+    host = _gather({k: v for k, v in ro.items()
+                    if k in ("reward", "actions") or k.startswith("pen_") or (k == "video" and video)})
+    if video:
+      host["video"] = host["video"][:log.num_videos]
+    reward = np.asarray(host["reward"])
     metrics = dict(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-                   **{f"penalty_{k}": float(np.mean(jax.device_get(ro[f"pen_{k}"]))) for k in PENALTY_TERMS},
-                   **{k: float(v) for k, v in jax.device_get(upd).items()},
+                   **{f"penalty_{k}": float(np.mean(host[f"pen_{k}"])) for k in PENALTY_TERMS},
+                   **{k: float(v) for k, v in _gather(upd).items()},
                    time_rollout=t1 - t0, time_update=t2 - t1)
     if metrics["skipped"] > 0:
       print(f"grpo iteration {it}: {int(metrics['skipped'])} optimiser step(s) skipped (non-finite loss or grads)")
     writer.write(it, metrics)
 
-    log = config.log
-    if log.plot_every and (it % log.plot_every == 0 or it == config.num_iterations - 1):
-      _plots(workdir / "idm_plots", it, ro, config.reward.fps)
-    if log.video_every and (it % log.video_every == 0 or it == config.num_iterations - 1):
-      _videos(workdir / "videos", it, ro["video"], log.num_videos, config.reward.fps)
+    main = jax.process_index() == 0
+    if plot and main:
+      _plots(workdir / "idm_plots", it, host, config.reward.fps)
+    if video and main:
+      _videos(workdir / "videos", it, host["video"], config.reward.fps)
     if s.eval_every and it % s.eval_every == 0:
       ev = prog.evaluate(dict(lora=lora, base=base, vae=vae_state, idm=idm_state), batch, jax.random.fold_in(key, 2))
-      writer.write(it, {"eval_reward_mean": float(np.mean(jax.device_get(ev["reward"])))})
+      writer.write(it, {"eval_reward_mean": float(np.mean(_gather(ev["reward"])))})
     last = it == config.num_iterations - 1
     if (it + 1) % log.checkpoint_every == 0 or last:
       ckpt.save(it + 1, dict(lora=_flat(lora), opt=_flat(opt_state)), metrics={"reward_mean": metrics["reward_mean"]},
                 meta={"iteration": it + 1}, force=True)
       _save_adapter(workdir / "lora_adapter" / "orbax", lora, it + 1)
-      model = nnx.merge(gdef, lora, base)
-      export_peft(model, str(workdir / "lora_adapter"))
-      if best is None or metrics["reward_mean"] > best:
-        best = metrics["reward_mean"]
-        export_peft(model, str(workdir / "best_reward"))
+      model = nnx.merge(gdef, _gather(lora), base)   # the adapters on every host; the base is not read
+      improved = best is None or metrics["reward_mean"] > best
+      best = metrics["reward_mean"] if improved else best
+      if main:
+        export_peft(model, str(workdir / "lora_adapter"))
+        if improved:
+          export_peft(model, str(workdir / "best_reward"))
   ckpt.close()
   writer.close()
   return metrics
@@ -347,14 +358,32 @@ def _save_adapter(path: pathlib.Path, lora, iteration: int):
     c.save(path.absolute(), {"lora": nnx.to_pure_dict(lora), "iteration": iteration}, force=True)
 
 
+def _gather(tree):
+  """Global arrays -> numpy on every process (a collective on multi-process runs: call it everywhere)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _put_global(tree, shardings):
+  """Host values (the same on every process) or global arrays onto `shardings` (multi-process safe)."""
+  def one(x, sh):
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or len(x.sharding.device_set) > 1):
+      return jax.device_put(x, sh)  # already global
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
 def _plots(directory: pathlib.Path, it: int, ro, fps: float):
   from eva_jax.utils.plots import plot_bars, plot_joint_trajectories
   directory.mkdir(parents=True, exist_ok=True)
-  terms = {k: float(np.mean(jax.device_get(ro[f"pen_{k}"]))) for k in PENALTY_TERMS}
+  terms = {k: float(np.mean(ro[f"pen_{k}"])) for k in PENALTY_TERMS}
   plot_bars(directory / f"penalties_{it:05d}.png", {f"iteration {it}": terms},
             title="smoothness penalty terms (batch mean)", log=True)
-  actions = np.asarray(jax.device_get(ro["actions"]))
-  reward = np.asarray(jax.device_get(ro["reward"]))
+  actions = np.asarray(ro["actions"])
+  reward = np.asarray(ro["reward"])
   order = np.argsort(reward)
   picks = {f"best r={reward[order[-1]]:.3f}": actions[order[-1]],
            f"worst r={reward[order[0]]:.3f}": actions[order[0]]}
@@ -362,9 +391,8 @@ def _plots(directory: pathlib.Path, it: int, ro, fps: float):
                           title=f"IDM joint trajectories, iteration {it}")
 
 
-def _videos(directory: pathlib.Path, it: int, video, n: int, fps: float):
+def _videos(directory: pathlib.Path, it: int, video, fps: float):
   from eva_jax.data.video import write_video
   directory.mkdir(parents=True, exist_ok=True)
-  video = np.asarray(jax.device_get(video[:n]))
   for k in range(video.shape[0]):
     write_video(directory / f"iter{it:05d}_{k}.mp4", video[k], fps=fps)
