@@ -120,19 +120,15 @@ def test_converted_orbax_checkpoints_load(tmp_path):
 def test_pytorch_weights_convert_on_the_fly(tmp_path):
   """A PyTorch VAE file (diffusers layout, .safetensors) is converted while the models are built."""
   import jax
-  import torch
-  from diffusers import AutoencoderKLWan
   from flax import nnx
   from safetensors.torch import save_file
 
   from convert.wan_vae import convert_vae_state_dict
   from eva_jax.models.vae import vae_config
+  from tests.utils import diffusers_vae
 
   cfg = vae_config("tiny")
-  torch.manual_seed(0)
-  ref = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
-                         num_res_blocks=cfg.num_res_blocks, attn_scales=list(cfg.attn_scales),
-                         temperal_downsample=list(cfg.temporal_downsample))
+  ref = diffusers_vae(cfg)
   sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
   save_file(sd, str(tmp_path / "vae.safetensors"))
   config = get_config("tiny")

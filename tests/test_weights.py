@@ -107,13 +107,10 @@ def test_errors_name_source_key_and_shapes(tmp_path):
 
 def test_converted_dir_sharded_and_dtype(tmp_path):
   """`python -m convert` output restores onto the mesh's shardings, cast to the requested dtype."""
-  from diffusers import AutoencoderKLWan
+  from tests.utils import diffusers_vae
   from safetensors.torch import save_file
   cfg = vae_config("tiny")
-  torch.manual_seed(0)
-  ref = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
-                         num_res_blocks=cfg.num_res_blocks, attn_scales=list(cfg.attn_scales),
-                         temperal_downsample=list(cfg.temporal_downsample))
+  ref = diffusers_vae(cfg)
   save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "vae.safetensors"))
   cli_convert("vae", str(tmp_path / "vae.safetensors"), str(tmp_path / "vae"), config="tiny", progress=False)
   mesh = make_mesh({"data": 2, "fsdp": 4})

@@ -16,3 +16,13 @@ def to_numpy(t):
   if hasattr(t, "detach"):
     t = t.detach().float().cpu().numpy()
   return np.asarray(t)
+
+
+def diffusers_vae(cfg, seed: int = 0):
+  """A diffusers AutoencoderKLWan with the architecture of an eva_jax VAEConfig, random weights."""
+  import torch
+  from diffusers import AutoencoderKLWan
+  torch.manual_seed(seed)
+  return AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                          num_res_blocks=cfg.num_res_blocks, attn_scales=list(cfg.attn_scales),
+                          temperal_downsample=list(cfg.temporal_downsample))
