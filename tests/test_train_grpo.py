@@ -242,3 +242,33 @@ def test_eva_rollout_starts_random_record_cut_and_crop(tmp_path):
   np.testing.assert_allclose(np.asarray(cond["clip_fea"]), np.asarray(clip.encode_image(video[:, 0])),
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(cond["context"]), texts)
+
+
+def test_cached_text_reads_the_npy_embeddings_cache_embeddings_writes(tmp_path):
+  """data.text_source='cached' reads prompt_embed_path through the shared embedding loader (.npy from
+  scripts/cache_embeddings.py), trimmed/zero-padded to data.text_tokens, for both start modes."""
+  from eva_jax.data.embeddings import save_array
+  from eva_jax.data.metadata import write_metadata
+  from eva_jax.data.video import write_video
+  from eva_jax.models.wan import wan_config
+  from eva_jax.parallel import make_mesh
+  rng = np.random.default_rng(1)
+  embs, recs = [], []
+  for i in range(2):
+    write_video(tmp_path / f"v{i}.mp4", rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), fps=16)
+    embs.append(rng.standard_normal((3 + i, 24)).astype(np.float32))
+    save_array(tmp_path / "prompt_embeds" / f"v{i}.npy", embs[-1])
+    recs.append(dict(video_path=f"v{i}.mp4", caption=f"task {i}", height=32, width=32, fps=16.0, n_frames=5,
+                     split="training", prompt_embed_path=f"prompt_embeds/v{i}.npy"))
+  write_metadata(tmp_path / "meta.csv", recs)
+  c = grpo_config.get_config("tiny")
+  c.data.update(dict(kind="csv", start="cycle", text_source="cached", data_root=str(tmp_path),
+                     metadata_path="meta.csv", num_conditions=2, text_tokens=8))
+  c.sample.update(dict(latent_frames=2, latent_height=4, latent_width=4))
+  gdef, state = grpo.build_vae(c, make_mesh({"data": -1}))
+  _, cond = conditions.csv_conditions(c, wan_config("tiny-i2v"), gdef, state)
+  for i in range(2):
+    np.testing.assert_array_equal(cond["context"][i, :3 + i], embs[i])
+    np.testing.assert_array_equal(cond["context"][i, 3 + i:], 0.0)
+  _, _, texts = conditions.RolloutStarts(c, wan_config("tiny-i2v"))(0, [0])
+  assert any(np.array_equal(texts[0, :3 + i], embs[i]) for i in range(2))
