@@ -56,9 +56,10 @@ def test_subcommand_tiny(bench_all, name):
 
 def test_device_check_dry_run_on_cpu(tmp_path):
   """--device-check's GPU-only steps run at tiny sizes on CPU (the rehearsal before a GPU slot): the versions
-  record, the FP8 block with its error against the default, the cuDNN key-length probe on the xla kernel, the
-  block at the probed multiple (with the looped timings), the cuDNN padding logic, bf16 vs float32."""
-  steps = "versions,dit-block-fp8,cudnn-lengths,dit-block-kv,cudnn-attention,bf16-block"  # in the order they run
+  record, the cuDNN key-length probe on the xla kernel, the block at the probed multiple (with the looped
+  timings), the cuDNN padding logic, bf16 vs float32. (dit-block-unfused / -fp8 are the dit-block bench with
+  --no-fuse / --matmul-dtype fp8; left out here for the suite's time.)"""
+  steps = "versions,cudnn-lengths,dit-block-kv,cudnn-attention,bf16-block"  # in the order they run
   proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench.py"), "--device-check", "--only", steps,
                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -72,8 +73,5 @@ def test_device_check_dry_run_on_cpu(tmp_path):
   assert "error" not in block and block["cudnn_kv_multiple"] == 1 and block["jax"]["median_s"] > 0
   assert block["jax"]["looped"]["median_s"] > 0 and block["jax_fwd_bwd"]["looped"]["median_s"] > 0
   assert results["versions"]["jax"] and results["versions"]["cudnn"] is None   # CPU: no cuDNN loaded
-  fp8 = results["dit-block-fp8"]
-  assert "error" not in fp8 and fp8["matmul_dtype"] == "fp8" and "jax_fwd_bwd" not in fp8   # inference only
-  assert 0 < fp8["matmul_quality"]["update"]["rel_err"] < 0.1 and fp8["matmul_quality"]["output"]["psnr_db"] > 20
   payload = json.loads((tmp_path / "results.json").read_text())
   assert payload["machine"]["versions"]["jaxlib"]
