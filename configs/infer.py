@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Sampling (EVA: UniPC, 40 steps, shift 3 applied twice, README guidance 1.5 / 2.5).
   c.sampler = ml_collections.ConfigDict(dict(
       num_frames=49, height=480, width=640, num_steps=40, shift=3.0, double_shift=True, solver="unipc",
-      lang_guidance=2.5, hist_guidance=1.5, hist_len=1))
+      lang_guidance=2.5, hist_guidance=1.5, hist_len=1,
+      cache_context_kv=True))        # cross-attention K/V once per video (same output; False recomputes per step)
   c.neg_prompt = ""                  # EVA's negative prompt is the empty string
   c.neg_prompt_embed_path = ""       # with cached prompt embeddings (CSV column prompt_embed_path)
 

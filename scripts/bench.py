@@ -41,13 +41,22 @@ SUBCOMMANDS = {
 SIZES = ("tiny", "eva", "wan", "custom")
 
 
+_VERSIONS: dict | None = None
+
+
 def machine_info() -> dict:
+  """Where the results were measured; 'versions' (eva_jax.utils.versions) holds what decides GPU speed:
+  jax, jaxlib, the CUDA plugin, cuDNN / CUDA / cuBLAS as loaded, the driver, the device name."""
+  global _VERSIONS
   import jax
+  from eva_jax.utils.versions import runtime_versions
+  if _VERSIONS is None:  # once per process (nvidia-smi is a subprocess); saved after every bench
+    _VERSIONS = runtime_versions()
   dev = jax.devices()[0]
   info = {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
           "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
           "jax": jax.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": _VERSIONS}
   try:
     import flax
     info["flax"] = flax.__version__
@@ -114,11 +123,22 @@ def main(argv=None) -> int:
   parser.add_argument("--kv-multiple", type=int, default=None,
                       help="cuDNN attention: pad key lengths to a multiple of this (default "
                            "eva_jax.models.wan.attention.CUDNN_KV_MULTIPLE); the device check probes what is safe")
+  parser.add_argument("--no-fuse", action="store_true",
+                      help="dit/dit-block/sampler: WanConfig fuse_qkv=False, fused_rope=False (the unfused A/B)")
+  parser.add_argument("--matmul-dtype", default=None, choices=("default", "fp8"),
+                      help="dit/dit-block/sampler: WanConfig.matmul_dtype (fp8: inference only, with its error "
+                           "against the default matmuls)")
+  parser.add_argument("--no-context-kv-cache", action="store_true",
+                      help="sampler: recompute the cross-attention K/V at every step (SamplerConfig.cache_context_kv)")
+  parser.add_argument("--compare", default=None,
+                      help="sampler: comma-separated A/B variants on the same weights and seeds (nocache, fp8)")
   parser.add_argument("--only", default=None,
-                      help="--device-check: comma-separated steps to run (cudnn-attention, bf16-block, dit-block, "
-                           "vae, dit, sampler)")
-  parser.add_argument("--budget-s", type=float, default=480.0,
-                      help="--device-check: skip the remaining steps once this many seconds have passed")
+                      help="--device-check: comma-separated steps to run (versions, dit-block, dit-block-unfused, "
+                           "dit-block-fp8, cudnn-lengths, dit-block-kv, dit, sampler, cudnn-attention, bf16-block, "
+                           "vae)")
+  parser.add_argument("--budget-s", type=float, default=None,
+                      help="--device-check: start no step after this many seconds (default 400 on GPU, so the "
+                           "run ends within ~8 min; no limit on the CPU dry run)")
   args = parser.parse_args(argv)
   from eva_jax.utils.xla_flags import apply_default_xla_flags
   apply_default_xla_flags()  # what the entry points run with (before the backend starts)

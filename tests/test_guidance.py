@@ -89,3 +89,36 @@ def test_missing_inputs_raise():
   with pytest.raises(ValueError, match="PRNG key"):
     guidance.guided_velocity(_stand_in(), x, 500.0, context=context, neg_context=neg, clip_fea=clip, y=y,
                              key=None, lang_scale=0.0, hist_scale=1.0)
+
+
+@pytest.mark.parametrize("lang,hist", [(2.5, 1.5), (3.0, 0.0), (0.0, 2.0), (0.0, 0.0)])
+def test_cached_context_kv_equals_recomputing(lang, hist):
+  """pass_context_kv + guided_velocity(context_kv=...) == guided_velocity from the contexts, for a stand-in
+  whose 'K/V' is its context padded to a fixed length (as the DiT pads to text_len) and its CLIP input."""
+  x, clean, context, neg, clip, y = _inputs()
+  fit = lambda c: jnp.pad(c, ((0, 0), (0, 2 * L - c.shape[1]), (0, 0)))
+  base = _stand_in()
+
+  def model_fn(x, t, context, clip_fea, y, context_kv=None):
+    if context_kv is not None:   # one layer: [1, N, ...]
+      return base(x, t, context_kv["k"][0], context_kv["k_img"][0], y)
+    return base(x, t, fit(context), clip_fea, y)
+
+  def kv_fn(ctx, clip_fea):
+    calls.append((ctx.shape[0], clip_fea is not None))
+    kv = {"k": fit(ctx)[None], "v": fit(ctx)[None]}
+    if clip_fea is not None:
+      kv.update(k_img=clip_fea[None], v_img=clip_fea[None])
+    return kv
+
+  calls = []
+  kw = dict(context=context, neg_context=neg, clip_fea=clip, lang_scale=lang, hist_scale=hist)
+  kv = guidance.pass_context_kv(kv_fn, **kw)
+  # once per distinct context: the prompt with CLIP, and the empty prompt's text alone
+  assert calls == [(B, True)] + ([(B, False)] if lang else [])
+  assert kv["k"].shape[1] == B * (1 + (lang != 0) + (hist != 0))
+  x = guidance.impose_history(x, clean, 1)
+  common = dict(y=y, key=jax.random.key(7), hist_len=1, t_hist=71, t_nohist=999, **kw)
+  ref = guidance.guided_velocity(model_fn, x, 642.0, **common)
+  out = guidance.guided_velocity(model_fn, x, 642.0, context_kv=kv, **common)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))

@@ -16,6 +16,12 @@ keeps each sample's passes on the device that holds the sample: no resharding. A
 its pass (scales are Python floats, static under jit, so the batch shrinks).
 
 `model_fn(x [N,F,h,w,C], t [N,F], context [N,L,D], clip_fea [N,257,1280] | None, y | None) -> v`.
+
+The cross-attention keys and values depend only on (prompt, CLIP) and are the same at every step:
+`pass_context_kv` computes them once per video and per distinct context (the prompt with the CLIP tokens,
+shared by the conditional and no-history passes; the empty prompt's text for the no-text pass) and lays
+them out as `guided_velocity` stacks its passes; given as `context_kv=`, each step calls
+`model_fn(x, t, None, None, y, context_kv=...)` instead of re-projecting the 769 context tokens.
 """
 
 from __future__ import annotations
@@ -69,15 +75,43 @@ def _stack_passes(items: list) -> jax.Array:
   return stacked.reshape((-1,) + stacked.shape[2:])
 
 
+def pass_context_kv(kv_fn: Callable, context: jax.Array, neg_context: Optional[jax.Array],
+                    clip_fea: Optional[jax.Array], *, lang_scale: float, hist_scale: float) -> dict:
+  """The DiT's cross-attention K/V for every pass of `guided_velocity`, in its pass order and layout.
+
+  `kv_fn(context | None, clip_fea | None) -> {name: [layers, B, L, N, d]}` (WanModel.context_kv). It runs
+  once for the prompt with the CLIP features and, when lang_scale != 0, once for the empty prompt's text
+  alone (that pass reuses the prompt's image K/V); the passes are then stacked sample-major as
+  `_stack_passes` stacks the inputs: {name: [layers, B·P, L, N, d]}.
+  """
+  b = context.shape[0]
+  cond = kv_fn(context, clip_fea)
+  passes = [cond]
+  if lang_scale:
+    if neg_context is None:
+      raise ValueError("lang_scale != 0 needs neg_context (the empty-prompt embedding)")
+    neg = jnp.broadcast_to(neg_context, (b,) + neg_context.shape[1:]).astype(context.dtype)
+    passes.append({**cond, **kv_fn(neg, None)})   # own text K/V, the prompt's image K/V
+  if hist_scale:
+    passes.append(cond)                           # no-history: same prompt and CLIP as the conditional pass
+  if len(passes) == 1:
+    return cond
+  def stack(*per_pass):                           # [layers, B, ...] x P -> [layers, B·P, ...]
+    s = jnp.stack(per_pass, axis=2)
+    return s.reshape(s.shape[:1] + (-1,) + s.shape[3:])
+  return jax.tree.map(stack, *passes)
+
+
 def guided_velocity(model_fn: ModelFn, x: jax.Array, t, *, context: jax.Array, neg_context: Optional[jax.Array],
                     clip_fea: Optional[jax.Array], y: Optional[jax.Array], key: Optional[jax.Array],
                     lang_scale: float, hist_scale: float, hist_len: int = 1, t_hist: float = 71.0,
-                    t_nohist: float = 999.0) -> jax.Array:
+                    t_nohist: float = 999.0, context_kv: Optional[dict] = None) -> jax.Array:
   """EVA's guided velocity for latents x [B, F, h, w, C] at scalar timestep t (0..1000 scale).
 
   x must already hold the clean history (impose_history); `key` draws the no-history noise (needed
   only when hist_scale != 0), `neg_context` is the empty-prompt embedding [1 or B, L', D] (needed only
-  when lang_scale != 0).
+  when lang_scale != 0). `context_kv`: `pass_context_kv(...)` for the same contexts and scales; the
+  model is then called with it instead of the contexts (same result).
   """
   b, f = x.shape[:2]
   t_vec = frame_timesteps(t, b, f, hist_len, t_hist)  # [B, F]
@@ -102,9 +136,14 @@ def guided_velocity(model_fn: ModelFn, x: jax.Array, t, *, context: jax.Array, n
     ctxs.append(ctxs[0])
   p = len(xs)
   if p == 1:
+    if context_kv is not None:
+      return model_fn(x, t_vec, None, None, y, context_kv=context_kv)
     return model_fn(x, t_vec, context, clip_fea, y)
   rep = lambda a: None if a is None else _stack_passes([a] * p)
-  out = model_fn(_stack_passes(xs), _stack_passes(ts), _stack_passes(ctxs), rep(clip_fea), rep(y))
+  if context_kv is not None:
+    out = model_fn(_stack_passes(xs), _stack_passes(ts), None, None, rep(y), context_kv=context_kv)
+  else:
+    out = model_fn(_stack_passes(xs), _stack_passes(ts), _stack_passes(ctxs), rep(clip_fea), rep(y))
   out = out.reshape((b, p) + out.shape[1:])  # [B, P, F, h, w, C]
   f_c = out[:, 0]
   f_l = out[:, 1] if lang_scale else None

@@ -13,7 +13,10 @@ The denoising loop exists in two forms that share `denoise_step` and give identi
 Each step (spec/eva.md A.4): re-impose the clean history frame, run the guided velocity
 (guidance.py: conditional, no-text and no-history passes as one batched DiT forward), then a
 solver step (solvers.py) with the schedule of schedules.py. After the loop the history frame is
-re-imposed once more, and the VAE decodes. Sharding: the batch axis is laid out over the mesh's
+re-imposed once more, and the VAE decodes. With `SamplerConfig.cache_context_kv` (the default) the
+DiT's cross-attention keys and values of the prompt, the empty prompt and the CLIP tokens are computed
+once per video (guidance.pass_context_kv) and reused at every step and pass: same latents.
+Sharding: the batch axis is laid out over the mesh's
 ('data', 'fsdp') axes by the logical name 'act_batch'; parameters follow their logical names.
 """
 
@@ -51,6 +54,7 @@ class SamplerConfig:
   lang_guidance: float = 2.5         # λ_l (0 drops the no-text pass)
   hist_guidance: float = 1.5         # λ_h (0 drops the no-history pass)
   hist_len: int = 1                  # clean history latent frames (the observed first frame)
+  cache_context_kv: bool = True      # cross-attention K/V once per video, not per step (same result)
 
   def __post_init__(self):
     validate_video_size(self.num_frames, self.height, self.width)
@@ -122,14 +126,22 @@ def init_loop(cfg: SamplerConfig, noise: jax.Array) -> LoopState:
   return LoopState(noise.astype(jnp.float32), solvers.get_solver(cfg.solver).init(noise))
 
 
+def pass_context_kv(kv_fn: Callable, cfg: SamplerConfig, cond: Conditioning) -> dict:
+  """The DiT's cross-attention K/V for this video's guidance passes (`kv_fn` = WanModel.context_kv)."""
+  return guidance.pass_context_kv(kv_fn, cond.context, cond.neg_context, cond.clip_fea,
+                                  lang_scale=cfg.lang_guidance, hist_scale=cfg.hist_guidance)
+
+
 def denoise_step(model_fn: Callable, cfg: SamplerConfig, sched: Schedule, cond: Conditioning, key: jax.Array,
-                 state: LoopState, i) -> LoopState:
-  """One EVA step i: history re-imposed, guided velocity, solver update."""
+                 state: LoopState, i, context_kv: Optional[dict] = None) -> LoopState:
+  """One EVA step i: history re-imposed, guided velocity, solver update. context_kv: `pass_context_kv`'s
+  cross-attention K/V for cond (then model_fn must accept `context_kv=`), or None to compute them."""
   x = guidance.impose_history(state.x, cond.clean, cfg.hist_len)
   v = guidance.guided_velocity(
       model_fn, x, sched.timesteps[i], context=cond.context, neg_context=cond.neg_context,
       clip_fea=cond.clip_fea, y=None, key=jax.random.fold_in(key, i), lang_scale=cfg.lang_guidance,
-      hist_scale=cfg.hist_guidance, hist_len=cfg.hist_len, t_hist=sched.t_hist, t_nohist=sched.t_nohist)
+      hist_scale=cfg.hist_guidance, hist_len=cfg.hist_len, t_hist=sched.t_hist, t_nohist=sched.t_nohist,
+      context_kv=context_kv)
   x_next, sstate = solvers.get_solver(cfg.solver).step(state.solver_state, v.astype(jnp.float32), x, i,
                                                        sched.coeffs)
   return LoopState(x_next, sstate)
@@ -141,28 +153,41 @@ def finish(cfg: SamplerConfig, cond: Conditioning, state: LoopState) -> jax.Arra
 
 
 def sample_latents(apply_fn: Callable, params: Any, cfg: SamplerConfig, sched: Schedule, cond: Conditioning,
-                   noise: jax.Array, key: jax.Array) -> jax.Array:
+                   noise: jax.Array, key: jax.Array, kv_fn: Optional[Callable] = None) -> jax.Array:
   """The whole denoising loop as one `lax.scan` (jit it, or call it inside a jitted function).
 
-  `apply_fn(params, x, t, context, clip_fea, y) -> v`. The parameters ride in the scan carry
+  `apply_fn(params, x, t, context, clip_fea, y, **kw) -> v`. The parameters ride in the scan carry
   (unchanged, so XLA aliases them) rather than being closed over: an NNX module merged inside the
   loop body must see them at the body's trace level, or its own `nnx.scan` over layers refuses them.
+  `kv_fn(params, context, clip_fea)` (with cfg.cache_context_kv): the cross-attention K/V, computed
+  once before the loop and carried through it.
   """
+  kv = None
+  if kv_fn is not None and cfg.cache_context_kv:
+    kv = pass_context_kv(lambda c, i: kv_fn(params, c, i), cfg, cond)
+
   def body(carry, i):
-    state, p = carry
-    model_fn = lambda *args: apply_fn(p, *args)
-    return (denoise_step(model_fn, cfg, sched, cond, key, state, i), p), None
-  (state, _), _ = jax.lax.scan(body, (init_loop(cfg, noise), params), jnp.arange(cfg.num_steps))
+    state, p, kv = carry
+    model_fn = lambda *args, **kw: apply_fn(p, *args, **kw)
+    return (denoise_step(model_fn, cfg, sched, cond, key, state, i, kv), p, kv), None
+  (state, _, _), _ = jax.lax.scan(body, (init_loop(cfg, noise), params, kv), jnp.arange(cfg.num_steps))
   return finish(cfg, cond, state)
 
 
 # MARK: the sampler over NNX models
 
 def _nnx_apply(graphdef) -> Callable:
-  """apply_fn(params, x, t, context, clip_fea, y) for an NNX module split into (graphdef, params)."""
-  def apply_fn(params, x, t, context, clip_fea, y):
-    return nnx.merge(graphdef, params)(x, t, context, clip_fea, y)
+  """apply_fn(params, x, t, context, clip_fea, y, **kw) for an NNX module split into (graphdef, params)."""
+  def apply_fn(params, x, t, context, clip_fea, y, **kw):
+    return nnx.merge(graphdef, params)(x, t, context, clip_fea, y, **kw)
   return apply_fn
+
+
+def _nnx_context_kv(graphdef) -> Callable:
+  """kv_fn(params, context, clip_fea) -> the module's `context_kv(context, clip_fea)`."""
+  def kv_fn(params, context, clip_fea):
+    return nnx.merge(graphdef, params).context_kv(context, clip_fea)
+  return kv_fn
 
 
 class I2VSampler:
@@ -178,11 +203,14 @@ class I2VSampler:
     self.cfg, self.mesh = cfg, mesh
     self.schedule = make_schedule(cfg)
     self._dit = self._split(dit)
+    # the cross-attention K/V cache needs a DiT with `context_kv` (WanModel); others recompute per step
+    self._cache_kv = cfg.cache_context_kv and callable(getattr(dit, "context_kv", None))
     self._vae = self._split(vae)
     self._clip = self._split(clip) if clip is not None else None
     self._step = jax.jit(self._step_impl)  # latents are a few MB: no donation needed
     self._scan = jax.jit(self._scan_impl)
     self._condition = jax.jit(self._condition_impl)
+    self._kv = jax.jit(self._kv_impl)
     self._decode = jax.jit(self._decode_impl)
 
   # -- placement
@@ -212,13 +240,18 @@ class I2VSampler:
       clip_fea = nnx.merge(self._clip[0], clip_p).encode_image(first_frame)  # [B, 257, image_dim]
     return Conditioning(self._constrain(clean), context, neg_context, clip_fea)
 
-  def _step_impl(self, dit_p, sched, cond, key, state, i):
-    model_fn = lambda *args: _nnx_apply(self._dit[0])(dit_p, *args)
-    state = denoise_step(model_fn, self.cfg, sched, cond, key, state, i)
+  def _kv_impl(self, dit_p, cond):
+    return pass_context_kv(lambda c, i: _nnx_context_kv(self._dit[0])(dit_p, c, i), self.cfg, cond)
+
+  def _step_impl(self, dit_p, sched, cond, key, state, i, kv):
+    model_fn = lambda *args, **kw: _nnx_apply(self._dit[0])(dit_p, *args, **kw)
+    state = denoise_step(model_fn, self.cfg, sched, cond, key, state, i, kv)
     return LoopState(self._constrain(state.x), state.solver_state)
 
   def _scan_impl(self, dit_p, sched, cond, noise, key):
-    return sample_latents(_nnx_apply(self._dit[0]), dit_p, self.cfg, sched, cond, self._constrain(noise), key)
+    kv_fn = _nnx_context_kv(self._dit[0]) if self._cache_kv else None
+    return sample_latents(_nnx_apply(self._dit[0]), dit_p, self.cfg, sched, cond, self._constrain(noise), key,
+                          kv_fn=kv_fn)
 
   def _decode_impl(self, vae_p, latents):
     return jnp.clip(nnx.merge(self._vae[0], vae_p).decode(latents), -1.0, 1.0)
@@ -242,6 +275,11 @@ class I2VSampler:
     return self._condition(self._vae[1], clip_p, self._batch(jnp.asarray(first_frame)),
                            self._batch(jnp.asarray(context)), None if neg_context is None else jnp.asarray(neg_context))
 
+  def context_kv(self, cond: Conditioning) -> Optional[dict]:
+    """The DiT's cross-attention K/V for every guidance pass of this conditioning (one jitted call per
+    video), or None when the cache is off (SamplerConfig.cache_context_kv) or the DiT has no `context_kv`."""
+    return self._kv(self._dit[1], cond) if self._cache_kv else None
+
   def initial_noise(self, key: jax.Array, batch: int) -> jax.Array:
     """x_T ~ N(0, I) with the latent shape of the config; the key is split from the guidance key."""
     return jax.random.normal(key, latent_shape(self.cfg, batch), jnp.float32)
@@ -252,12 +290,13 @@ class I2VSampler:
     noise_key, guide_key = jax.random.split(key)
     noise = self._batch(self.initial_noise(noise_key, cond.context.shape[0]))
     state = init_loop(self.cfg, noise)
+    kv = self.context_kv(cond)   # once per video: every step and pass reuses it
     steps = range(self.cfg.num_steps)
     if show_progress:
       from eva_jax.utils.progress import progress
       steps = progress(steps, total=self.cfg.num_steps, desc=f"sampling ({self.cfg.solver})", unit="step")
     for i in steps:
-      state = self._step(self._dit[1], self.schedule, cond, guide_key, state, jnp.int32(i))
+      state = self._step(self._dit[1], self.schedule, cond, guide_key, state, jnp.int32(i), kv)
       if on_step is not None:
         on_step(i)
     return finish(self.cfg, cond, state)

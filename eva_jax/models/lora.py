@@ -43,9 +43,9 @@ class LoRALinear(Linear):
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, names: Names = ("embed", "mlp"),
                use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=xavier_uniform,
-               rngs: nnx.Rngs):
+               matmul_dtype: str = "default", rngs: nnx.Rngs):
     super().__init__(in_features, out_features, names=names, use_bias=use_bias, dtype=dtype,
-                     param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+                     param_dtype=param_dtype, kernel_init=kernel_init, matmul_dtype=matmul_dtype, rngs=rngs)
     if rank <= 0:
       raise ValueError(f"LoRALinear needs rank > 0, got {rank}")
     self.rank, self.alpha = rank, float(alpha)
@@ -58,12 +58,13 @@ class LoRALinear(Linear):
   def lora_scale(self) -> float:
     return self.alpha / self.rank
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.base(x)
-    if self.lora_enabled:
-      xa = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
-      y = y + jnp.dot(xa, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
-    return y
+  def delta(self, x: jax.Array) -> jax.Array | None:
+    """(x @ A) @ B * alpha / r in the compute dtype (never in FP8); None while the adapter is disabled.
+    `Linear.__call__` and `fused_linear` (q/k/v as one matmul) add it to the base output."""
+    if not self.lora_enabled:
+      return None
+    xa = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+    return jnp.dot(xa, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
 
 
 def lora_modules(model: nnx.Module) -> Iterator[tuple[tuple, LoRALinear]]:

@@ -40,6 +40,26 @@ def time_fn(fn: Callable, *args, warmup: int = 1, iters: int = 5, pipelined: boo
   return result
 
 
+def time_looped(step: Callable, carry, *consts, calls: int = 10, iters: int = 3) -> dict:
+  """Per-call time of `carry = step(carry, *consts)` run `calls` times inside one jitted `lax.fori_loop`:
+  the device time of a call with no per-call dispatch, launch gaps or host synchronisation (the way a
+  layer runs inside the model's scan). `consts` (the weights) are arguments, not baked-in constants; each
+  call feeds the next through `carry`, so XLA can neither hoist nor drop any of them. Compile excluded.
+  The consts ride in the loop carry, unchanged (XLA aliases them), rather than being closed over: an NNX
+  module merged inside the body must see its parameters at the body's trace level (see sampler.sample_latents).
+  """
+  def run(carry, *consts):
+    body = lambda i, c: (step(c[0], *c[1]), c[1])
+    return jax.lax.fori_loop(0, calls, body, (carry, consts))[0]
+  t0 = time.perf_counter()
+  compiled = jax.jit(run).lower(carry, *consts).compile()
+  block(compiled(carry, *consts))
+  compile_s = time.perf_counter() - t0
+  timing = time_fn(compiled, carry, *consts, warmup=0, iters=iters)
+  return {"calls": calls, "median_s": timing["median_s"] / calls, "min_s": timing["min_s"] / calls,
+          "loop_times_s": timing["times_s"], "compile_s": compile_s}
+
+
 def time_torch(fn: Callable, *args, warmup: int = 1, iters: int = 5, grad: bool = False,
                pipelined: bool = False) -> dict:
   """Same for a PyTorch callable (synchronises CUDA when present); under no_grad unless `grad`."""

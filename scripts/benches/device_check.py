@@ -1,18 +1,26 @@
 """`python scripts/bench.py --device-check`: one prepared run that uses a short GPU slot well (< 8 min on one GPU).
 
-In order, cheapest first, each step isolated so one failure does not hide the rest:
-  1. cuDNN flash attention forward and backward with padded keys (257 CLIP keys -> 320, masked by
-     key_value_seq_lengths) against the float32 XLA kernel: relative errors of output and gradients.
-  2. bf16 numerics: one i2v-14B-wide DiT block in bf16 vs float32 on the same weights and inputs.
-  3. dit-block at EVA's shape (15,600 tokens; forward, forward+backward, TFLOP/s; diffusers when CUDA torch exists),
-     with keys padded to the default CUDNN_KV_MULTIPLE.
-  4. cudnn-lengths: which unpadded key lengths cuDNN's forward and backward accept (15,600 self-attention keys,
+In order, what the open speed goals need first, each step isolated so one failure does not hide the rest
+(a step that would start after --budget-s seconds is skipped and says so):
+  1. versions: jax, jaxlib, the CUDA plugin, cuDNN / CUDA / cuBLAS as loaded, the driver, the GPU
+     (eva_jax.utils.versions; also in every results.json under machine.versions).
+  2. dit-block at EVA's shape (15,600 tokens; forward, forward+backward, TFLOP/s; diffusers when CUDA torch
+     exists; per-kernel profile and HLO), with today's defaults (fuse_qkv, fused_rope on): median, min,
+     pipelined and looped (10 calls inside one fori_loop: no dispatch) figures.
+  3. dit-block-unfused: the same with fuse_qkv and fused_rope off (the A/B that decides their defaults).
+  4. dit-block-fp8: the forward with matmul_dtype='fp8', its error and PSNR against the bf16 block.
+  5. cudnn-lengths: which unpadded key lengths cuDNN's forward and backward accept (15,600 self-attention keys,
      257/258/264/272 image keys), checked against float32; the largest safe multiple < the default is kept
      for the steps after it (--kv-multiple to force one).
-  5. dit-block-kv: dit-block again at the probed multiple (15,600 keys unpadded and unmasked), no reference.
-  6. vae at EVA's shape (49x480x640, encode/decode vs diffusers when CUDA torch exists).
-  7. dit: the 40-layer i2v-14B forward at EVA's shape.
-  8. sampler: a few guided steps of the 14B sampler at EVA's shape, extrapolated to 40 steps.
+  6. dit-block-kv: dit-block again at the probed multiple (15,600 keys unpadded and unmasked), no reference.
+  7. dit: the 40-layer i2v-14B forward (+ looped) and forward+backward at EVA's shape.
+  8. sampler: a few guided steps of the 14B sampler at EVA's shape, extrapolated to 40 steps, with the
+     cross-attention K/V cached; A/B on the same weights and seeds: K/V recomputed per step, and FP8
+     (its video PSNR and latent error against the bf16 run).
+  9. cudnn-attention: cuDNN flash attention forward and backward with padded keys (257 CLIP keys -> 320,
+     masked by key_value_seq_lengths) against the float32 XLA kernel: relative errors of output and gradients.
+ 10. bf16-block: one i2v-14B-wide DiT block in bf16 vs float32 on the same weights and inputs.
+ 11. vae at EVA's shape (49x480x640, encode/decode vs diffusers when CUDA torch exists).
 On CPU it runs the same steps at tiny sizes (a dry run of the script before a GPU slot).
 """
 
@@ -136,7 +144,8 @@ def run(args, save=lambda results: None) -> list[dict]:
   from scripts.bench import run_one
   on_gpu = jax.devices()[0].platform == "gpu"
   size = "eva" if on_gpu else "tiny"
-  budget_s = float(getattr(args, "budget_s", 480.0) or 480.0)
+  # no step starts after budget_s: the longest (the sampler, ~2.5 min) then still ends within ~8 min on GPU
+  budget_s = getattr(args, "budget_s", None) or (400.0 if on_gpu else float("inf"))
   start = time.perf_counter()
   results = []
 
@@ -185,21 +194,41 @@ def run(args, save=lambda results: None) -> list[dict]:
   def block_at_probed_multiple():
     if wan_attention.CUDNN_KV_MULTIPLE == default_multiple:
       return {"error": "skipped: the probe kept the default key multiple"}
-    unref = copy.copy(profiled)
-    unref.no_reference = True
+    return {**run_one("dit-block", size, variant(f"kv{wan_attention.CUDNN_KV_MULTIPLE}")), "name": "dit-block-kv"}
+
+  def variant(tag, **flags):
+    """The profiled block bench without the diffusers reference, its HLO under --out/<tag>."""
+    v = copy.copy(profiled)
+    v.no_reference = True
+    for k, val in flags.items():
+      setattr(v, k, val)
     if getattr(args, "out", None):  # its HLO next to, not over, the baseline's
-      unref.out = f"{args.out}/kv{wan_attention.CUDNN_KV_MULTIPLE}"
-    return {**run_one("dit-block", size, unref), "name": "dit-block-kv"}
+      v.out = f"{args.out}/{tag}"
+    return v
+
+  sampler_args.compare = getattr(args, "compare", None) or ("nocache,fp8" if on_gpu else None)
+
+  def versions():
+    from eva_jax.utils.versions import runtime_versions
+    r = runtime_versions()
+    print("[device-check] versions: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "nvidia_packages"),
+          flush=True)
+    return {**r, "ok": True}
 
   steps = {
-      "cudnn-attention": lambda: check_cudnn_attention(on_gpu),
-      "bf16-block": lambda: check_bf16_block(on_gpu),
+      "versions": versions,
       "dit-block": lambda: run_one("dit-block", size, profiled),
+      "dit-block-unfused": lambda: {**run_one("dit-block", size, variant("unfused", no_fuse=True)),
+                                    "name": "dit-block-unfused"},
+      "dit-block-fp8": lambda: {**run_one("dit-block", size, variant("fp8", matmul_dtype="fp8")),
+                                "name": "dit-block-fp8"},
       "cudnn-lengths": lengths_probe,
       "dit-block-kv": block_at_probed_multiple,
-      "vae": lambda: run_one("vae", size, copy.copy(args)),
       "dit": lambda: run_one("dit", size, model_args),
       "sampler": lambda: run_one("sampler", size, sampler_args),
+      "cudnn-attention": lambda: check_cudnn_attention(on_gpu),
+      "bf16-block": lambda: check_bf16_block(on_gpu),
+      "vae": lambda: run_one("vae", size, copy.copy(args)),
   }
   only = [s.strip() for s in (getattr(args, "only", None) or "").split(",") if s.strip()]
   unknown = sorted(set(only) - set(steps))

@@ -7,10 +7,16 @@
 Sizes: tiny (tiny-i2v, latent 5x8x12), eva (i2v-14B dims, latent 13x60x80), wan (21x60x104, 32,760 tokens),
 custom (--frames/--height/--width in pixels). On GPU the default is bf16 with cuDNN attention; on CPU float32 with
 XLA attention. The diffusers reference runs when it can (always for tiny; for the large sizes only with CUDA torch).
+
+Timings: 'jax' (forward) and 'jax_fwd_bwd' hold the median and min of synchronised calls, 'pipelined_s' (calls
+queued back to back) and 'looped' (the call repeated inside one jitted fori_loop: no dispatch at all; forward
++ backward only for one block, whose gradients fit twice). Fusion switches (--no-fuse) and --matmul-dtype fp8
+come from the command line; the fp8 run also reports its error against the default matmuls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -20,7 +26,7 @@ from flax import nnx
 
 from eva_jax.models.wan import WanModel, attention as wan_attention, wan_config
 from eva_jax.models.wan.rope import rope_tables
-from eva_jax.utils.timing import device_peak_memory_mb, profile_kernels, time_fn, time_torch
+from eva_jax.utils.timing import device_peak_memory_mb, profile_kernels, time_fn, time_looped, time_torch
 
 LATENTS = {"tiny": (5, 8, 12), "eva": (13, 60, 80), "wan": (21, 60, 104)}
 N_IMG, N_TEXT = 257, 512
@@ -39,13 +45,23 @@ def block_flops(cfg, tokens: int) -> float:
           + 4 * tokens * tokens * d + 4 * tokens * ctx * d)
 
 
-def _config(size, args, num_layers):
+def fusion_overrides(args) -> dict:
+  """WanConfig switches from the bench flags: --no-fuse (q/k/v and RoPE unfused), --matmul-dtype."""
+  out = {}
+  if getattr(args, "no_fuse", False):
+    out.update(fuse_qkv=False, fused_rope=False)
+  if getattr(args, "matmul_dtype", None):
+    out["matmul_dtype"] = args.matmul_dtype
+  return out
+
+
+def _config(size, args, num_layers, **overrides):
   on_gpu = jax.devices()[0].platform == "gpu"
   dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
   base = "tiny-i2v" if size == "tiny" else "i2v-14b"
   remat = getattr(args, "remat", None) or ("full" if num_layers > 1 else "none")
   return wan_config(base, num_layers=num_layers, dtype=dtype, param_dtype=dtype,
-                    attention="cudnn" if on_gpu else "xla", remat=remat)
+                    attention="cudnn" if on_gpu else "xla", remat=remat, **{**fusion_overrides(args), **overrides})
 
 
 def _torch_reference(size, args, full):
@@ -86,7 +102,8 @@ def run(size: str, args) -> dict:
   k1, k2, k3, k4 = jax.random.split(key, 4)
   result = dict(what=what, tokens=tokens, latent=grid_lat, dtype=cfg.dtype, attention=cfg.attention,
                 layers=cfg.num_layers, remat=cfg.remat, init_s=init_s,
-                cudnn_kv_multiple=wan_attention.CUDNN_KV_MULTIPLE)
+                cudnn_kv_multiple=cfg.cudnn_kv_multiple or wan_attention.CUDNN_KV_MULTIPLE,
+                fuse_qkv=cfg.fuse_qkv, fused_rope=cfg.fused_rope, matmul_dtype=cfg.matmul_dtype)
 
   if full:
     x = jax.random.normal(k1, (1, f, h, w, 16), jnp.float32)
@@ -120,12 +137,27 @@ def run(size: str, args) -> dict:
   jax.block_until_ready(fwd(*args_j))
   result["compile_fwd_s"] = time.perf_counter() - t0
   timing = time_fn(fwd, *args_j, warmup=1, iters=iters, pipelined=True)
+  # the same call chained `calls` times inside one compiled loop (the output has the input's shape)
+  looped = not getattr(args, "quick", False)  # --quick (the suite's `all` run): no extra loop compiles
+  if looped:
+    chain = lambda h, state, *rest: fwd_pure(state, h, *rest).astype(h.dtype)
+    timing["looped"] = time_looped(chain, inputs[0], state, *inputs[1:], calls=3 if full else 10,
+                                   iters=2 if full else 3)
+    result["tflops_fwd_looped"] = flops / timing["looped"]["median_s"] / 1e12
   result["jax"] = timing
   result["tflops_fwd"] = flops / timing["median_s"] / 1e12
+  if cfg.matmul_dtype != "default":  # quality next to speed: the same weights and inputs, default matmuls
+    ref_cfg = dataclasses.replace(cfg, matmul_dtype="default")
+    ref_gd = nnx.graphdef(nnx.eval_shape(lambda: WanModel(ref_cfg, rngs=nnx.Rngs(0))))
+    ref_out = jax.jit(lambda st, *xs: apply(nnx.merge(ref_gd, st), *xs))(*args_j)
+    out = fwd(*args_j)
+    result["matmul_quality"] = _quality(out, ref_out, inputs[0] if not full else None)
 
   # forward + backward: gradients for every weight and for x (what training needs at most).
   def loss_fn(state, *rest):
     return jnp.mean(jnp.square(fwd_pure(state, *rest).astype(jnp.float32)))
+  if cfg.matmul_dtype != "default":
+    return result  # FP8 is an inference mode: no backward timing
   t0 = time.perf_counter()
   try:
     grad = jax.jit(jax.grad(loss_fn, argnums=(0, 1))).lower(*args_j).compile()
@@ -138,6 +170,15 @@ def run(size: str, args) -> dict:
   # the 40-layer gradients are 32 GB: no second set in flight for the pipelined figure
   result["jax_fwd_bwd"] = time_fn(grad, *args_j, warmup=1, iters=iters, pipelined=not full)
   result["tflops_fwd_bwd"] = 3 * flops / result["jax_fwd_bwd"]["median_s"] / 1e12
+  if looped and not full:  # the gradients ride in the carry (replaced each call), the input moves by its gradient
+    def grad_chain(carry, state, *rest):
+      h, _ = carry
+      g_state, g_x = jax.grad(loss_fn, argnums=(0, 1))(state, h, *rest)
+      return h + g_x.astype(h.dtype), g_state
+    carry0 = (inputs[0], jax.tree.map(jnp.zeros_like, state))
+    result["jax_fwd_bwd"]["looped"] = time_looped(grad_chain, carry0, state, *inputs[1:], calls=10, iters=3)
+    result["tflops_fwd_bwd_looped"] = 3 * flops / result["jax_fwd_bwd"]["looped"]["median_s"] / 1e12
+    del carry0
   result["device_peak_mb"] = device_peak_memory_mb()
   if getattr(args, "profile", False):
     result["profile_fwd"] = profile_kernels(fwd, *args_j)
@@ -154,6 +195,22 @@ def run(size: str, args) -> dict:
   if ref_model is not None:
     result.update(_compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg, iters))
   return result
+
+
+def _quality(out, ref, x=None) -> dict:
+  """Relative error and PSNR (peak = the reference's max |value|) of out vs ref; for a block also of its
+  update (output - input), which is what the matmuls change (the float32 residual passes through)."""
+  o, r = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
+  def stats(o, r):
+    mse = jnp.mean(jnp.square(o - r))
+    peak = jnp.max(jnp.abs(r))
+    return {"rel_err": float(jnp.linalg.norm(o - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30)),
+            "psnr_db": float(10 * jnp.log10(jnp.square(peak) / jnp.maximum(mse, 1e-30)))}
+  res = {"output": stats(o, r)}
+  if x is not None:
+    xf = jnp.asarray(x, jnp.float32)
+    res["update"] = stats(o - xf, r - xf)
+  return res
 
 
 def _compare_reference(ref_model, fwd, args_j, full, grid_lat, cfg, iters) -> dict:

@@ -28,12 +28,14 @@ _MASKED = -1e30  # finite "minus infinity" for the running max: avoids inf - inf
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
               kv_seq_lengths: jax.Array | None = None, chunk_size: int = 1024,
-              scale: float | None = None) -> jax.Array:
-  """softmax(q k^T * scale) v over the first kv_seq_lengths[b] keys. q [B, Lq, N, d], k/v [B, Lk, N, d]."""
+              scale: float | None = None, kv_multiple: int | None = None) -> jax.Array:
+  """softmax(q k^T * scale) v over the first kv_seq_lengths[b] keys. q [B, Lq, N, d], k/v [B, Lk, N, d].
+
+  kv_multiple: cuDNN only, the key-length multiple that runs unpadded (None or 0: CUDNN_KV_MULTIPLE)."""
   if backend == "xla":
     return _xla_attention(q, k, v, kv_seq_lengths, scale)
   if backend == "cudnn":
-    return cudnn_attention(q, k, v, kv_seq_lengths, scale)
+    return cudnn_attention(q, k, v, kv_seq_lengths, scale, kv_multiple=kv_multiple or None)
   if backend == "chunked":
     return chunked_attention(q, k, v, kv_seq_lengths, chunk_size=chunk_size, scale=scale)
   raise ValueError(f"attention backend must be 'xla', 'cudnn' or 'chunked', got {backend!r}")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 ATTENTION_BACKENDS = ("xla", "cudnn", "chunked")
 REMAT_POLICIES = ("none", "full", "dots", "offload")
+MATMUL_DTYPES = ("default", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,12 @@ class WanConfig:
   attn_chunk_size: int = 1024       # query and key block of the 'chunked' backend
   remat: str = "none"               # one of REMAT_POLICIES
   scan_layers: bool = True          # stacked blocks applied with nnx.scan (else a python loop)
+  # exact fusions (docs/benchmarks.md "Fusions and switches"): same output to float32 rounding either way
+  fuse_qkv: bool = True             # self-attention q/k/v as one [D, 3, D] matmul (kernels stacked per call)
+  fused_rope: bool = True           # RoPE as x*cos + swap_pairs(x)*sin (no stack), fusable with the q/k RMSNorm
+  cudnn_kv_multiple: int = 0        # cuDNN: pad key lengths to a multiple of this; 0 = attention.CUDNN_KV_MULTIPLE
+  # 'fp8': the block matmuls in float8_e4m3fn with per-tensor scales (inference only, never the default)
+  matmul_dtype: str = "default"
   # LoRA on the attention projections (eva.md A.5)
   lora_rank: int = 0                # 0 = no adapters
   lora_alpha: float = 32.0
@@ -57,6 +64,11 @@ class WanConfig:
       raise ValueError(f"WanConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"WanConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"WanConfig.matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
+    if self.cudnn_kv_multiple < 0:
+      raise ValueError(f"WanConfig.cudnn_kv_multiple must be >= 0 (0 = the module default), got "
+                       f"{self.cudnn_kv_multiple}")
     if len(self.patch_size) != 3:
       raise ValueError(f"WanConfig.patch_size must have 3 entries (t, h, w), got {self.patch_size}")
     for name in ("dtype", "param_dtype"):

@@ -34,11 +34,12 @@ def context_size(mesh) -> int:
 
 def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh, backend: str = "xla",
                       kv_seq_lengths: jax.Array | None = None, chunk_size: int = 1024,
-                      scale: float | None = None) -> jax.Array:
+                      scale: float | None = None, kv_multiple: int | None = None) -> jax.Array:
   """Self-attention with q/k/v [B, L, N, d] sequence-sharded over 'context'. Equals `attention(q, k, v)`."""
   c = _axis_size(mesh, "context")
   if c == 1:
-    return attention(q, k, v, backend=backend, kv_seq_lengths=kv_seq_lengths, chunk_size=chunk_size, scale=scale)
+    return attention(q, k, v, backend=backend, kv_seq_lengths=kv_seq_lengths, chunk_size=chunk_size, scale=scale,
+                     kv_multiple=kv_multiple)
   b, l, n, _ = q.shape
   t = _axis_size(mesh, "tensor")
   if n % (c * t):
@@ -62,7 +63,8 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh, backend
     # [b, L/c, n, d] -> [b, L, n/c, d]: gather the sequence, scatter the heads.
     to_heads = functools.partial(jax.lax.all_to_all, axis_name="context", split_axis=2, concat_axis=1, tiled=True)
     qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
-    out = attention(qh, kh, vh, backend=backend, kv_seq_lengths=lengths, chunk_size=chunk_size, scale=scale)
+    out = attention(qh, kh, vh, backend=backend, kv_seq_lengths=lengths, chunk_size=chunk_size, scale=scale,
+                    kv_multiple=kv_multiple)
     return jax.lax.all_to_all(out, axis_name="context", split_axis=1, concat_axis=2, tiled=True)
 
   out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch_spec)), out_specs=spec,
@@ -71,11 +73,12 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh, backend
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla", chunk_size: int = 1024,
-                   scale: float | None = None) -> jax.Array:
+                   scale: float | None = None, kv_multiple: int | None = None) -> jax.Array:
   """The DiT's self-attention entry: Ulysses when the mesh in context (`jax.set_mesh`) has a 'context'
   axis larger than 1, plain `attention` otherwise (one device, or data/FSDP/tensor parallelism only)."""
   from eva_jax.parallel.sharding import _current_mesh
   mesh = _current_mesh()
   if context_size(mesh) > 1:
-    return ulysses_attention(q, k, v, mesh=mesh, backend=backend, chunk_size=chunk_size, scale=scale)
-  return attention(q, k, v, backend=backend, chunk_size=chunk_size, scale=scale)
+    return ulysses_attention(q, k, v, mesh=mesh, backend=backend, chunk_size=chunk_size, scale=scale,
+                             kv_multiple=kv_multiple)
+  return attention(q, k, v, backend=backend, chunk_size=chunk_size, scale=scale, kv_multiple=kv_multiple)

@@ -42,8 +42,31 @@ def rope_tables(grid, head_dim, theta=10000.0, max_len=1024) -> tuple[jax.Array,
   return jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates adjacent channel pairs of x [B, L, N, d] by the per-token angles ([L, d/2] cos/sin tables)."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, fused: bool = True) -> jax.Array:
+  """Rotates adjacent channel pairs of x [B, L, N, d] by the per-token angles ([L, d/2] cos/sin tables).
+
+  fused=True (WanConfig.fused_rope) writes the rotation as  x * cos' + swap_pairs(x) * sin'  with
+  cos' = (cos, cos) and sin' = (-sin, sin) per pair: the output keeps x's shape and layout, the pair swap is a
+  reverse of a size-2 minor axis, and nothing is stacked, so XLA can keep the rotation in the fusion that
+  computes x (the q/k RMSNorm) instead of writing x and re-reading it in a concatenate. The float ops per
+  element are the same as fused=False (a*cos - c*sin == a*cos + c*(-sin) exactly): equal bit for bit.
+  """
+  if fused:
+    return _rope_swap(x, cos, sin)
+  return _rope_stack(x, cos, sin)
+
+
+def _rope_swap(x, cos, sin):
+  b, l, n, d = x.shape
+  xf = x.astype(jnp.float32).reshape(b, l, n, d // 2, 2)  # rotation in float32, as Wan (`.float()`)
+  swapped = jnp.flip(xf, axis=-1)                          # (c, a) per pair
+  cos2 = jnp.stack([cos, cos], axis=-1)[None, :, None]     # [1, L, 1, d/2, 2] (trace-time constants)
+  sin2 = jnp.stack([-sin, sin], axis=-1)[None, :, None]
+  return (xf * cos2 + swapped * sin2).reshape(b, l, n, d).astype(x.dtype)
+
+
+def _rope_stack(x, cos, sin):
+  """The unfused reference form: split the pairs, rotate, stack them back."""
   b, l, n, d = x.shape
   xf = x.astype(jnp.float32).reshape(b, l, n, d // 2, 2)  # rotation in float32, as Wan (`.float()`)
   a, c = xf[..., 0], xf[..., 1]                            # [B, L, N, d/2]
