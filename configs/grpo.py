@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       preset="i2v-14b", checkpoint="", dtype="bfloat16", param_dtype="bfloat16", attention="cudnn",
       remat="full", lora_rank=32, lora_alpha=32.0, num_layers=0,    # num_layers 0 = the preset's
-      sharded_init=True))   # init inside jit with out_shardings (no device holds all 14B); False: eager
+      sharded_init=True,    # init inside jit with out_shardings (no device holds all 14B); False: eager
+      precision="wan"))     # 'eva': EVA's bf16 time embedding / modulation / residual (configs/sft.py)
   c.vae = ml_collections.ConfigDict(dict(preset="wan2.1", checkpoint=""))
   # CLIP of each rollout's first frame, fed to the rollout, ratio and KL passes (EVA's exp_flow_grpo.py):
   # 'online' (checkpoint: the Wan release's CLIP .pth or its converted dir) | 'zeros' (smoke runs only).

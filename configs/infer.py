@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Model presets and precision.
   c.model = ml_collections.ConfigDict(dict(dit="i2v-14b", vae="wan2.1", clip="vit-h-14", umt5="umt5-xxl",
                                            dtype="bfloat16", param_dtype="bfloat16", attention="cudnn"))
+  # 'wan': Wan's float32 time embedding / modulation / residual; 'eva': EVA's bf16 regime (docs/models.md)
+  c.model.precision = "wan"
   c.model.dit_overrides = ml_collections.ConfigDict()  # extra WanConfig fields (e.g. remat, attn_chunk_size)
 
   # Weights: '' = not given; orbax directories or PyTorch files (converted on the fly).

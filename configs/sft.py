@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       preset="i2v-14b", dtype="bfloat16", param_dtype="float32", attention="cudnn", remat="full",
       scan_layers=True, num_layers=0))                        # num_layers 0 = the preset's
+  # precision 'wan' (default): Wan's float32 time embedding, modulation and residual; 'eva': those in
+  # model.dtype and the VAE's latent statistics in bf16, as EVA's fork runs (docs/models.md).
+  c.model.precision = "wan"
   # Initial weights: 'random' | 'orbax' (a converted checkpoint or an SFT run dir) | 'torch' (a
   # Wan/LVP/EVA .safetensors/.ckpt file or directory, converted on the fly).
   c.init = ml_collections.ConfigDict(dict(kind="random", path="", use_ema=False))

@@ -113,12 +113,14 @@ def build_text_encoder(config, mesh=None):
 def build_models(config, text_dim: int, mesh=None) -> Models:
   """DiT, VAE and CLIP from `config.model` / `config.ckpt` (see the module docstring)."""
   from eva_jax.models.clip import clip_config
-  from eva_jax.models.vae import vae_config
+  from eva_jax.models.vae import stats_dtype, vae_config
   from eva_jax.models.wan import wan_config
   m, c = config.model, config.ckpt
   clip_cfg = clip_config(m.clip, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
-  vae_cfg = vae_config(m.vae)  # float32, as the reference runs the VAE
-  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, **dict(m.dit_overrides))
+  precision = m.get("precision", "wan")
+  vae_cfg = vae_config(m.vae, stats_dtype=stats_dtype(precision))  # float32, as the reference runs the VAE
+  overrides = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, precision=precision,
+                   **dict(m.dit_overrides))
   dit_cfg = wan_config(m.dit, **overrides)
   if dit_cfg.text_dim != text_dim:
     raise ValueError(f"the DiT ({m.dit}) takes text_dim={dit_cfg.text_dim}, the prompt embeddings have {text_dim} "

@@ -59,7 +59,7 @@ def dit_config(model_cfg, **extra):
   """WanConfig of a trainer's `config.model` (preset, dtypes, attention, remat, scan, num_layers)."""
   from eva_jax.models.wan import wan_config
   overrides = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, attention=model_cfg.attention)
-  for name in ("remat", "scan_layers"):
+  for name in ("remat", "scan_layers", "precision"):
     if name in model_cfg:
       overrides[name] = model_cfg[name]
   if model_cfg.get("num_layers"):

@@ -58,6 +58,9 @@ class VAEConfig:
   latents_std: tuple[float, ...] = LATENTS_STD
   dtype: Any = jnp.float32        # compute dtype (the reference runs the VAE in float32)
   param_dtype: Any = jnp.float32
+  # bfloat16: the latent mean and 1/std rounded as EVA's buffers are (mean in bf16, 1/std computed in bf16;
+  # spec/eva_fidelity_models.md section 5), the VAE side of precision 'eva'
+  stats_dtype: Any = jnp.float32
 
   def __post_init__(self):
     if len(self.temporal_downsample) != len(self.dim_mult) - 1:
@@ -95,6 +98,13 @@ def vae_config(name: str = "wan2.1", **overrides) -> VAEConfig:
     if key in overrides:
       overrides[key] = tuple(overrides[key])
   return dataclasses.replace(VAE_CONFIGS[name], **overrides)
+
+
+def stats_dtype(precision: str):
+  """The latent-statistics dtype of a precision mode ('wan': float32, 'eva': bfloat16 as EVA's buffers)."""
+  if precision not in ("wan", "eva"):
+    raise ValueError(f"precision must be 'wan' or 'eva', got {precision!r}")
+  return jnp.bfloat16 if precision == "eva" else jnp.float32
 
 
 # MARK: encoder / decoder
@@ -280,6 +290,10 @@ class WanVAE(nnx.Module):
   def _stats(self):
     mean = jnp.asarray(self.cfg.latents_mean, jnp.float32)
     std = jnp.asarray(self.cfg.latents_std, jnp.float32)
+    sdt = jnp.dtype(self.cfg.stats_dtype)
+    if sdt != jnp.float32:  # EVA: bf16 mean, and 1/std computed in bf16 (z = (mu - mean) * inv_std)
+      mean = mean.astype(sdt).astype(jnp.float32)
+      std = 1.0 / (1.0 / std.astype(sdt)).astype(sdt).astype(jnp.float32)
     return mean, std
 
   def _moments(self, video: jax.Array, stream: bool) -> jax.Array:

@@ -82,9 +82,9 @@ def randomize_zero_head(base, key, dim: int):
 
 def build_vae(config, mesh):
   """(graphdef, state) of the VAE: `config.vae.checkpoint` (any VAE source of eva_jax.weights) or random."""
-  from eva_jax.models.vae import vae_config
-  return weights.load("vae", config.vae.checkpoint or "random", vae_config(config.vae.preset), mesh=mesh,
-                      seed=config.seed + 1)
+  from eva_jax.models.vae import stats_dtype, vae_config
+  cfg = vae_config(config.vae.preset, stats_dtype=stats_dtype(config.model.get("precision", "wan")))
+  return weights.load("vae", config.vae.checkpoint or "random", cfg, mesh=mesh, seed=config.seed + 1)
 
 
 def build_clip_encoder(config, wan_cfg, mesh):

@@ -279,12 +279,13 @@ class Conditioner:
     """(graphdef, state) of the VAE: config.vae.checkpoint (any VAE source of eva_jax.weights) or random
     weights (smoke runs)."""
     if self._vae is None:
-      from eva_jax.models.vae import vae_config
+      from eva_jax.models.vae import stats_dtype, vae_config
       config = self.config
       source = config.vae.checkpoint or "random"
       if source == "random":
         logging.warning("vae.checkpoint is empty: a random-weight VAE (smoke runs only)")
-      self._vae = weights.load("vae", source, vae_config(config.vae.preset), mesh=self.mesh, seed=config.seed + 1)
+      cfg = vae_config(config.vae.preset, stats_dtype=stats_dtype(config.model.get("precision", "wan")))
+      self._vae = weights.load("vae", source, cfg, mesh=self.mesh, seed=config.seed + 1)
     return self._vae
 
   def _clip_encoder(self):

@@ -50,6 +50,10 @@ class WanConfig:
   cudnn_kv_multiple: int = 0        # cuDNN: pad key lengths to a multiple of this; 0 = attention.CUDNN_KV_MULTIPLE
   # 'fp8': the block matmuls in float8_e4m3fn with per-tensor scales (inference only, never the default)
   matmul_dtype: str = "default"
+  # 'wan': time embedding, modulation, gates, the residual stream and the head in float32 (upstream Wan).
+  # 'eva': all of them in `dtype`, the sinusoid cast to it, as EVA's fork runs (its float32 autocast regions
+  # are commented out; spec/eva_fidelity_models.md, section 1). Equal when dtype is float32.
+  precision: str = "wan"
   # LoRA on the attention projections (eva.md A.5)
   lora_rank: int = 0                # 0 = no adapters
   lora_alpha: float = 32.0
@@ -66,6 +70,8 @@ class WanConfig:
       raise ValueError(f"WanConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.matmul_dtype not in MATMUL_DTYPES:
       raise ValueError(f"WanConfig.matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
+    if self.precision not in ("wan", "eva"):
+      raise ValueError(f"WanConfig.precision must be 'wan' or 'eva', got {self.precision!r}")
     if self.cudnn_kv_multiple < 0:
       raise ValueError(f"WanConfig.cudnn_kv_multiple must be >= 0 (0 = the module default), got "
                        f"{self.cudnn_kv_multiple}")
@@ -90,6 +96,11 @@ class WanConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def stream_dtype(self):
+    """The dtype of the residual stream, time embedding and modulation: float32 ('wan') or `dtype` ('eva')."""
+    return jnp.dtype(jnp.float32) if self.precision == "wan" else self.compute_dtype
 
   @property
   def weight_dtype(self):

@@ -151,17 +151,18 @@ def per_frame(x: jax.Array, frames: int) -> jax.Array:
   return x.reshape(b, frames, l // frames, d)
 
 
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-  """x * (1 + scale) + shift in float32; x [B, L, D], shift/scale [B, T, D] with T = 1 or frames."""
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """x * (1 + scale) + shift in `dtype` (Wan: float32); x [B, L, D], shift/scale [B, T, D], T = 1 or frames."""
   b, l, d = x.shape
-  xt = per_frame(x.astype(jnp.float32), shift.shape[1])
+  xt = per_frame(x.astype(dtype), shift.shape[1])
+  scale, shift = scale.astype(dtype), shift.astype(dtype)
   return (xt * (1.0 + scale[:, :, None]) + shift[:, :, None]).reshape(b, l, d)
 
 
-def gate(y: jax.Array, g: jax.Array) -> jax.Array:
-  """y * gate in float32 (the gated residual branch); y [B, L, D], g [B, T, D]."""
+def gate(y: jax.Array, g: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """y * gate in `dtype` (Wan: float32; the gated residual branch); y [B, L, D], g [B, T, D]."""
   b, l, d = y.shape
-  return (per_frame(y.astype(jnp.float32), g.shape[1]) * g[:, :, None]).reshape(b, l, d)
+  return (per_frame(y.astype(dtype), g.shape[1]) * g.astype(dtype)[:, :, None]).reshape(b, l, d)
 
 
 def timestep_sinusoid(t: jax.Array, dim: int) -> jax.Array:

@@ -7,7 +7,8 @@ timesteps (eva.md A.2).
   v = model(x, t, None, None, y, context_kv=kv)       # the same velocity without recomputing them
 
 Precision follows Wan: time embedding, modulation, norms, RoPE and the residual stream in float32; matmuls in
-cfg.dtype. The blocks are stacked on a leading 'layers' axis and applied with nnx.scan (cfg.scan_layers), each
+cfg.dtype. cfg.precision='eva' runs the time embedding, modulation, gates, residual and head in cfg.dtype, as
+EVA's fork does (docs/models.md, "Precision modes"). The blocks are stacked on a leading 'layers' axis and applied with nnx.scan (cfg.scan_layers), each
 wrapped in nnx.remat by cfg.remat; with scan_layers=False they are a python list run in a loop.
 
 Exact fusions, each a WanConfig switch that leaves the parameter tree alone (docs/benchmarks.md): fuse_qkv (one
@@ -37,7 +38,7 @@ def _linear(cfg: WanConfig, name: str, din: int, dout: int, names, rngs, *, fp32
             in_block: bool = False, **kw):
   """A Linear, or a LoRALinear when `name` is a LoRA target and cfg.lora_rank > 0. Only the blocks' matmuls
   follow cfg.matmul_dtype (fp8); the embeddings and the head stay in the compute dtype."""
-  dtype = jnp.float32 if fp32 else cfg.compute_dtype
+  dtype = cfg.stream_dtype if fp32 else cfg.compute_dtype  # fp32: Wan's float32 regions (cfg.precision)
   matmul_dtype = cfg.matmul_dtype if in_block and not fp32 else "default"
   common = dict(names=names, dtype=dtype, param_dtype=cfg.weight_dtype, matmul_dtype=matmul_dtype, rngs=rngs, **kw)
   if cfg.lora_rank > 0 and name in cfg.lora_targets:
@@ -148,17 +149,17 @@ class WanBlock(nnx.Module):
     self.ffn = FeedForward(cfg, rngs=rngs)
 
   def __call__(self, x, e0, ctx, img, cos, sin, kv=None):
-    """x [B, L, D] float32 residual; e0 [B, T, 6, D] float32 (T = 1 or frames); kv: this block's
-    precomputed cross-attention keys and values (CrossAttention.context_kv), or None."""
+    """x [B, L, D] residual; e0 [B, T, 6, D] (T = 1 or frames), both in cfg.stream_dtype (float32 as Wan);
+    kv: this block's precomputed cross-attention keys and values (CrossAttention.context_kv), or None."""
     cfg = self.cfg
-    dt = cfg.compute_dtype
+    dt, sd = cfg.compute_dtype, cfg.stream_dtype
     x = constrain(x, _ACT)
-    m = self.modulation[...].astype(jnp.float32) + e0                          # [B, T, 6, D] float32
-    h = modulate(layer_norm(x, cfg.eps), m[:, :, 0], m[:, :, 1])
-    x = x + gate(self.self_attn(h.astype(dt), cos, sin), m[:, :, 2])
-    x = x + self.cross_attn(self.norm3(x).astype(dt), ctx, img, kv).astype(jnp.float32)
-    h = modulate(layer_norm(x, cfg.eps), m[:, :, 3], m[:, :, 4])
-    return x + gate(self.ffn(h.astype(dt)), m[:, :, 5])
+    m = self.modulation[...].astype(sd) + e0                                   # [B, T, 6, D]
+    h = modulate(layer_norm(x, cfg.eps).astype(sd), m[:, :, 0], m[:, :, 1], sd)
+    x = x + gate(self.self_attn(h.astype(dt), cos, sin), m[:, :, 2], sd)
+    x = x + self.cross_attn(self.norm3(x).astype(dt), ctx, img, kv).astype(sd)
+    h = modulate(layer_norm(x, cfg.eps).astype(sd), m[:, :, 3], m[:, :, 4], sd)
+    return x + gate(self.ffn(h.astype(dt)), m[:, :, 5], sd)
 
 
 def remat_policy(name: str):
@@ -177,15 +178,16 @@ def remat_policy(name: str):
 # MARK: embeddings and head
 
 class TimeEmbedding(nnx.Module):
-  """sinusoid(t) -> Linear -> SiLU -> Linear, all float32."""
+  """sinusoid(t) -> Linear -> SiLU -> Linear, in cfg.stream_dtype (float32 as Wan)."""
 
   def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
     self.freq_dim = cfg.freq_dim
+    self.dtype = cfg.stream_dtype
     self.fc1 = _linear(cfg, "fc1", cfg.freq_dim, cfg.dim, (None, "embed"), rngs, fp32=True)
     self.fc2 = _linear(cfg, "fc2", cfg.dim, cfg.dim, ("embed", None), rngs, fp32=True)
 
   def __call__(self, t: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.silu(self.fc1(timestep_sinusoid(t, self.freq_dim))))
+    return self.fc2(jax.nn.silu(self.fc1(timestep_sinusoid(t, self.freq_dim).astype(self.dtype))))
 
 
 class TextEmbedding(nnx.Module):
@@ -220,6 +222,7 @@ class Head(nnx.Module):
 
   def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
     self.eps = cfg.eps
+    self.dtype = cfg.stream_dtype
     self.modulation = nnx.Param(
         jax.random.normal(rngs.params(), (2, cfg.dim), cfg.weight_dtype) / cfg.dim ** 0.5,
         out_sharding=(None, "embed"))
@@ -227,8 +230,8 @@ class Head(nnx.Module):
                         fp32=True, kernel_init=nnx.initializers.zeros)
 
   def __call__(self, x: jax.Array, e: jax.Array) -> jax.Array:
-    m = self.modulation[...].astype(jnp.float32) + e[:, :, None]               # [B, T, 2, D]
-    return self.head(modulate(layer_norm(x, self.eps), m[:, :, 0], m[:, :, 1]))
+    m = self.modulation[...].astype(self.dtype) + e[:, :, None]                # [B, T, 2, D]
+    return self.head(modulate(layer_norm(x, self.eps).astype(self.dtype), m[:, :, 0], m[:, :, 1], self.dtype))
 
 
 # MARK: model
@@ -308,7 +311,7 @@ class WanModel(nnx.Module):
     patches = x.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c).astype(dt)
     tokens = _patch_embed(patches, self.patch_embedding.kernel[...].astype(dt))    # [B, F', H', W', D]
     tokens = tokens + self.patch_embedding.bias[...].astype(dt)
-    seq = tokens.reshape(b, grid[0] * grid[1] * grid[2], cfg.dim).astype(jnp.float32)  # residual in float32
+    seq = tokens.reshape(b, grid[0] * grid[1] * grid[2], cfg.dim).astype(cfg.stream_dtype)  # float32 as Wan
 
     # Time: [B] -> one modulation for all tokens, [B, F] -> one per latent frame.
     t = jnp.asarray(t, jnp.float32)
