@@ -298,3 +298,28 @@ def test_eva_jax_recipe_is_unchanged():
   assert get_config("tiny").recipe == "eva_jax"
   with pytest.raises(ValueError, match="unknown recipe"):
     get_config("recipe=vidar")
+
+
+def test_warmup_fraction_and_its_errors():
+  base = dict(name="adamw", learning_rate=1.0, schedule="cosine", total_steps=50, warmup_steps=0)
+  assert warmup_steps(dict(base, warmup_fraction=0.1)) == 5
+  assert warmup_steps(dict(base, warmup_steps=7)) == 7
+  with pytest.raises(ValueError, match="not both"):
+    warmup_steps(dict(base, warmup_steps=7, warmup_fraction=0.1))
+  np.testing.assert_allclose(float(make_schedule(dict(base, warmup_fraction=0.1))(5)), 1.0)
+
+
+def test_episode_metrics_are_the_authors_numbers():
+  true = np.zeros((6, 14), np.float32)
+  pred = true.copy()
+  pred[1, 0] = 0.06    # arm joint over 0.05: frame 1 is not "close"
+  pred[2, 6] = 0.4     # gripper within 0.5: frame 2 still is
+  m = train_idm.episode_metrics(pred, true, 16.0, mean=np.zeros(14), std=np.full(14, 0.5))
+  assert m["correct_rate"] == pytest.approx(5 / 6)
+  np.testing.assert_allclose(m["mae"], (0.06 + 0.4) / 84, rtol=1e-6)
+  np.testing.assert_allclose(m["mae/06"], 0.4 / 6, rtol=1e-6)
+  want = (0.5 * 0.12 ** 2 + 0.5 * 0.8 ** 2) / 84  # SmoothL1(beta 1) of the normalised errors 0.12, 0.8
+  np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(m["pred/max_abs_v"], 0.4 * 16, rtol=1e-6)
+  assert m["true/total"] == 0 and m["true/reward"] == pytest.approx(10.0)
+  assert train_idm.episode_metrics(pred[:3], true[:3], 16.0)["pred/reward"] == 0.0  # < 4 frames, as compute_smoothness
