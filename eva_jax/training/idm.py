@@ -446,8 +446,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
   model = build_model(config)
   if d.norm_stats == "dataset":
-    acts = np.stack([np.asarray(train_windows.records[int(i)]["action"]) for i in
-                     (train_windows.indices if train_windows.indices is not None else range(len(train_windows)))])
+    centres = train_windows.indices if train_windows.indices is not None else range(len(train_windows))
+    acts = np.stack([np.asarray(train_windows.records[int(i)]["action"]) for i in centres])
     set_joint_stats(model, acts.mean(0), np.maximum(acts.std(0), 1e-6))
   elif d.norm_stats != "model":
     raise ValueError(f"config.data.norm_stats: {d.norm_stats!r}; expected 'model' (keep the checkpoint's / "
