@@ -45,6 +45,15 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def _torch_shape(transform: str, shape: tuple) -> tuple:
+  """The torch-layout shape that `TRANSFORMS[transform]` maps to the eva_jax `shape`."""
+  if transform == "conv":   # HWIO -> OIHW
+    return (shape[3], shape[2], shape[0], shape[1])
+  if transform == "linear":
+    return tuple(reversed(shape))
+  return shape
+
+
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
   """The model weights of a training checkpoint (`model_state_dict`) or a bare state dict."""
   if "model_state_dict" in checkpoint:
@@ -183,34 +192,54 @@ def convert_idm_state_dict(state_dict: Mapping[str, Any], cfg=None,
   return out
 
 
-def convert_resnet_backbone(state_dict: Mapping[str, Any], cfg) -> dict:
-  """A torchvision ResNet (ImageNet `resnet50` weights: `conv1.weight`, `bn1.*`, `layer1..4.*`, `fc.*`)
-  -> the `backbone` subtree of the IDM state, the way the authors initialise training: the 3-channel
-  stem is repeated over the stacked frames and divided by their number."""
-  sd = {f"model.backbone.{k}": v for k, v in unwrap_state_dict(state_dict).items()}
-  stem = "model.backbone.conv1.weight"
-  w = _to_numpy(_require(sd, stem))
+def convert_resnet_backbone(state_dict: Mapping[str, Any], cfg, *, source: str = "ResNet state dict") -> dict:
+  """A torchvision ResNet state dict (ImageNet `resnet50` weights: `conv1.weight`, `bn1.*`,
+  `layer1..4.*`, `fc.*`) -> the `backbone` subtree of the IDM state, the way the authors initialise
+  training: the 3-channel stem is repeated over the stacked frames and divided by their number
+  (channel t*3 + c of the 9-channel stem = ImageNet channel c / 3). `fc.*` and the BatchNorm step
+  counters are not used; anything else left over, a missing key or a wrong shape raises, naming
+  `source` (the file) and the key."""
+  sd = dict(state_dict)
+  if "model_state_dict" in sd or any(k.startswith("model.backbone.") for k in sd):
+    raise ValueError(f"{source}: this is an IDM checkpoint (keys 'model.backbone.*'), not a torchvision "
+                     "ResNet state dict; load it with init.kind='torch' to fine-tune it")
+  if "conv1.weight" not in sd:
+    prefixes = sorted({k.split(".")[0] for k in sd})[:8]
+    hint = " (strip the 'module.' prefix of a DataParallel save)" if "module" in prefixes else ""
+    raise KeyError(f"{source}: not a torchvision ResNet state dict: no 'conv1.weight'{hint}; "
+                   f"top-level names found: {prefixes}")
+  w = _to_numpy(sd["conv1.weight"])
   in_ch = 3 * cfg.num_frames
+  if w.ndim != 4 or w.shape[1] not in (3, in_ch):
+    raise ValueError(f"{source}: 'conv1.weight' has shape {w.shape}; expected [{cfg.width}, 3, 7, 7] "
+                     f"(ImageNet) or [{cfg.width}, {in_ch}, 7, 7]")
   if w.shape[1] == 3 and in_ch != 3:
-    sd[stem] = np.tile(w, (1, cfg.num_frames, 1, 1)) / cfg.num_frames
+    sd["conv1.weight"] = np.tile(w, (1, cfg.num_frames, 1, 1)) / cfg.num_frames
+  prefix = "model.backbone."
   expected = _flatten(_expected_shapes(cfg))
   out: dict = {}
   used = set()
   for path, key, transform in idm_param_mapping(cfg):
     if path[0] != "backbone":
       continue
-    value = TRANSFORMS[transform](_to_numpy(_require(sd, key)))
-    if value.shape != tuple(expected[path].shape):
-      raise ValueError(f"ResNet state dict: {key[len('model.backbone.'):]!r}: expected shape "
-                       f"{tuple(expected[path].shape)} (after {transform!r}), found {value.shape}")
+    name = key[len(prefix):]
+    if name not in sd:
+      raise KeyError(f"{source}: missing key {name!r} (the config's trunk has blocks {tuple(cfg.blocks)}, "
+                     f"width {cfg.width}: resnet50 is (3, 4, 6, 3), 64)")
+    raw, want = _to_numpy(sd[name]), _torch_shape(transform, tuple(expected[path].shape))
+    if raw.shape != want:
+      raise ValueError(f"{source}: {name!r}: expected shape {want}, found {raw.shape}")
+    value = TRANSFORMS[transform](raw)
     node = out
     for p in path[1:-1]:
       node = node.setdefault(p, {})
     node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
-    used.add(key)
-  leftover = [k for k in sd if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in IGNORABLE)]
+    used.add(name)
+  ignorable = ("fc.weight", "fc.bias", "*.num_batches_tracked")
+  leftover = [k for k in sd if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignorable)]
   if leftover:
-    raise KeyError(f"ResNet state dict: unexpected keys {leftover[:10]} ({len(leftover)} in all)")
+    raise KeyError(f"{source}: unexpected keys {leftover[:10]} ({len(leftover)} in all; the config's trunk "
+                   f"has blocks {tuple(cfg.blocks)})")
   return out
 
 

@@ -1,5 +1,8 @@
-"""Evaluates an IDM on RoboTwin episodes: per-joint MAE, smoothness of predicted vs true trajectories
-(the reward's jerk / acceleration / limit terms), and one PNG of predicted vs true joints per episode.
+"""Evaluates an IDM on RoboTwin episodes with the authors' numbers (eval_idm.py / train_idm.py `eval`):
+MAE overall and per joint, the correct rate (every joint within 0.05 rad, grippers 0.5), the SmoothL1
+loss on normalised joints, and `compute_smoothness` of the predicted (and true) trajectories: the
+reward, its jerk / acc / vlim / alim / total penalty terms and the max / mean |v|, |a|, |j| it prints.
+One PNG of predicted vs true joints per episode.
 
   python scripts/eval_idm.py --config=configs/idm.py --config.eval.checkpoint=IDM_singleview.pt \
       --config.data.root=$ROBOTWIN/data/<task>/demo_clean_vidar
@@ -8,7 +11,10 @@
 
 --config.eval.checkpoint: the released .pt or a train_idm run directory (its best/ checkpoint); an orbax
 run needs the config it was trained with (same variant / model fields). Without eval.episodes the
-validation episodes of data.root are used (the split train_idm makes with the same seed).
+held-out episodes of data.root are used (the split train_idm makes with the same seed; with the authors'
+frame-level split every episode of data.root: point it at a test root, as their eval script does). The
+input follows config.data: the 'authors' recipe evaluates windows [t-2, t, t+2] of cropped, R<->B-swapped
+frames, as their eval script (--num_frames 3 --crop_and_resize) does.
 Writes metrics.json, per_episode.jsonl and plots/*.png under --workdir (default outputs/<date>/<time>/).
 """
 
@@ -32,9 +38,13 @@ def main(argv):
   workdir = _WORKDIR.value or make_run_dir("outputs")
   print(f"eval_idm: writing to {workdir}")
   summary = idm.evaluate(config, workdir)
-  keys = ["num_episodes", "mae"] + [f"{w}/{k}" for w in ("true", "pred") for k in ("total", "jerk", "acc", "vlim", "alim", "reward")]
+  keys = ["num_episodes", "mae", "correct_rate", "loss"] + [f"mae/{j:02d}" for j in range(14)]
+  keys += [f"{w}/{k}" for w in ("pred", "true") for k in ("reward", "total", "jerk", "acc", "vlim", "alim",
+                                                          "max_abs_v", "mean_abs_v", "max_abs_a",
+                                                          "mean_abs_a", "max_abs_j", "mean_abs_j")]
   for k in keys:
-    print(f"  {k:12s} {summary[k]:.6g}")
+    if k in summary:
+      print(f"  {k:16s} {summary[k]:.6g}")
 
 
 if __name__ == "__main__":

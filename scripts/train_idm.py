@@ -1,7 +1,8 @@
 """Trains EVA's inverse dynamics model (ResNet-50 IDM) on RoboTwin HDF5 episodes.
 
-  python scripts/train_idm.py --config=configs/idm.py --config.data.root=$ROBOTWIN/data/<task>/demo_clean_vidar \
-      --config.init.kind=imagenet --config.init.path=resnet50-11ad3fa6.pth
+  python scripts/train_idm.py --config=configs/idm.py --config.data.root=$ROBOTWIN/data \
+      --config.init.path=resnet50-11ad3fa6.pth      # the authors' recipe: ImageNet start (docs/idm.md)
+  python scripts/train_idm.py --config=configs/idm.py:recipe=eva_jax --config.data.root=<episodes>
   python scripts/train_idm.py --config=configs/idm.py:tiny --config.data.root=<episodes> --workdir=outputs/idm_tiny
 
 The first run prepares the array_record dataset under <workdir>/tfds (or --config.data.tfds_dir).

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.idm import get_config
 from eva_jax.data import robotwin
@@ -138,3 +139,30 @@ def test_train_learns_resumes_exactly_and_evaluates(tmp_path):
     assert np.isfinite(summary[k]), k
   assert list((tmp_path / "eval" / "plots").glob("*.png"))
   assert (tmp_path / "eval" / "per_episode.jsonl").read_text().count("\n") == 1
+
+
+def test_authors_recipe_trains_and_predicts_with_its_input(tmp_path):
+  """configs/idm.py:tiny,recipe=authors: frame-level split, stride-2 windows of R<->B-swapped,
+  per-frame-jittered frames, torch's AdamW schedule; the episode prediction uses the same input,
+  crop included (tiny leaves the crop off in training: at 480x832 it costs minutes of CPU here)."""
+  root = tmp_path / "episodes"
+  _write_episodes(root, n_episodes=2, n=8)
+  c = get_config("tiny,recipe=authors")
+  c.data.update(dict(root=str(root), tfds_dir=str(tmp_path / "tfds"), val_fraction=0.25))
+  c.model.update(dict(blocks=(1,), image_size=(32, 32)))
+  c.optim.total_steps = 3
+  c.train.update(dict(num_steps=3, log_every=1, checkpoint_every=100, batch_size=8))
+  c.eval.every = 0
+  out = train_idm.train_and_evaluate(c, tmp_path / "run")
+  assert np.isfinite(out["loss"])
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  lr = [r["learning_rate"] for r in rows if "learning_rate" in r]  # warm-up int(0.1 * 3) = 0 steps
+  np.testing.assert_allclose(lr, [1e-3 / 2 * (1 + np.cos(np.pi * s / 3)) for s in (1, 2, 3)], rtol=1e-5, atol=1e-12)
+  # Episode prediction: stride-2 windows, crop (small here) and swap, equal to running the windows directly.
+  model = train_idm.load_trained_idm(tmp_path / "run", c)
+  frames, _ = robotwin.read_episode(root / "episode0.hdf5")
+  tf = train_idm.FrameTransform("bgr_swapped", crop_and_resize=True, crop_size=(20, 40))
+  pred = train_idm.predict_episode(model, frames[:5], 0, tf, 2)
+  idx = robotwin.window_indices(5, 3, 2)
+  direct = nnx.jit(lambda m, x: m(tf(x)))(model, jnp.asarray(frames[:5][idx], jnp.float32) / 255.0)
+  np.testing.assert_allclose(pred, np.asarray(direct), rtol=1e-4, atol=1e-5)

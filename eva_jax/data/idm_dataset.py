@@ -6,7 +6,8 @@ off at write time, so a window's neighbours are the adjacent records):
   {'jpeg': stored JPEG bytes, 'action': [14] float32, 'episode': int, 'index': int,
    'episode_start': record position of the episode's frame 0, 'episode_length': int}
 
-Splits are by episode (a seeded shuffle puts `val_fraction` of them in 'val').
+Splits are by episode (a seeded shuffle puts `val_fraction` of them in 'val'); the authors' recipe
+instead splits the frames of the 'train' split (`frame_split`, like their `random_split`).
 
   build_idm_dataset(list_episodes('/data/RoboTwin/data/click_bell'), data_dir='data/tfds')
   sources = load_idm_sources('data/tfds')                 # {'train': ..., 'val': ...}
@@ -135,22 +136,40 @@ def load_idm_sources(data_dir: str | os.PathLike) -> dict[str, Any]:
 class WindowSource(grain.sources.RandomAccessDataSource if hasattr(grain, "sources") else object):
   """Record source -> {'frames': uint8 [num_frames, H, W, 3], 'action': [14], 'episode', 'index'}.
 
-  Window of record i: frames [i-1, i, i+1] of its episode (clamped at the ends), decoded from the
-  stored JPEG bytes into the recorder's RGB order.
+  Window of record i: frames i + (k - num_frames // 2) * stride of its episode (k = 0..num_frames-1),
+  each clamped to [0, length - 1], decoded from the stored JPEG bytes into the recorder's RGB order.
+  stride 1 gives [i-1, i, i+1] (what the reward scores); stride 2 gives [i-2, i, i+2] (the authors'
+  training windows, V-ds `__getitem__`). Every frame of an episode is a window centre, as in the
+  authors' dataset: at the edges the clamped index repeats the first or last frame ([0, 0, 2] for
+  frame 0, [n-3, n-1, n-1] for the last frame).
+
+  indices: the record positions that are window centres (a frame-level split); None = all records.
+  Neighbours are read from all records either way.
   """
 
-  def __init__(self, records, num_frames: int = 3, stride: int = 1):
+  def __init__(self, records, num_frames: int = 3, stride: int = 1, indices: Sequence[int] | None = None):
+    if stride < 1:
+      raise ValueError(f"config.data.stride must be >= 1, got {stride}")
     self.records = records
     self.offsets = (np.arange(num_frames) - num_frames // 2) * stride
+    self.indices = None if indices is None else np.asarray(indices, np.int64)
 
   def __len__(self) -> int:
-    return len(self.records)
+    return len(self.records) if self.indices is None else len(self.indices)
+
+  def frame_indices(self, i: int) -> tuple[int, np.ndarray]:
+    """(record position of window i's centre, the episode-local frame indices of its frames)."""
+    pos = int(i) if self.indices is None else int(self.indices[int(i)])
+    rec = self.records[pos]
+    n, idx = int(rec["episode_length"]), int(rec["index"])
+    return pos, np.clip(idx + self.offsets, 0, n - 1)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    rec = self.records[int(i)]
-    start, n, idx = int(rec["episode_start"]), int(rec["episode_length"]), int(rec["index"])
+    pos, frame_idx = self.frame_indices(i)
+    rec = self.records[pos]
+    start, idx = int(rec["episode_start"]), int(rec["index"])
     frames = []
-    for t in np.clip(idx + self.offsets, 0, n - 1):
+    for t in frame_idx:
       r = rec if t == idx else self.records[start + int(t)]
       where = f"{DATASET_NAME} record {start + int(t)} (episode {int(rec['episode'])})"
       frames.append(robotwin.decode_frame(r["jpeg"], path=where, index=int(t)))
@@ -159,6 +178,17 @@ class WindowSource(grain.sources.RandomAccessDataSource if hasattr(grain, "sourc
 
   def __repr__(self) -> str:
     return f"WindowSource({len(self)} windows, offsets={self.offsets.tolist()})"
+
+
+def frame_split(num_records: int, val_fraction: float = 0.05, max_val: int = 10_000,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(train, val) record positions of a seeded frame-level split, the authors' `random_split`:
+  min(int(val_fraction * N), max_val) random frames for validation, the rest for training (sorted).
+  Validation frames then come from training episodes (neighbours of training frames): val MAE
+  measures fit, not generalisation to new episodes."""
+  n_val = min(int(val_fraction * num_records), int(max_val)) if max_val > 0 else int(val_fraction * num_records)
+  order = np.random.default_rng(seed).permutation(num_records)
+  return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 # MARK: grain pipelines

@@ -3,17 +3,22 @@
   train_and_evaluate(config, workdir)   # scripts/train_idm.py; configs/idm.py documents the fields
   evaluate(config, workdir)             # scripts/eval_idm.py: per-joint MAE, smoothness, PNG plots
 
-Loss: regression of the 14 joints normalised by (train_mean, train_std), with SmoothL1 (Huber) of a
-small beta by default (config.loss). It is L1 almost everywhere, which matches the metric that
-selects checkpoints (validation MAE) and does not let the bimodal gripper dims or label noise at
-contacts dominate as squared error would; the quadratic band around 0 keeps the gradient continuous at
-the optimum. The original's loss is not known (spec/eva.md B); 'l1' and 'mse' are available.
+Two recipes (configs/idm.py `RECIPES`; docs/idm.md "Recipes"): 'authors' reproduces the authors'
+RoboTwin dataset and trainer, 'eva_jax' is this project's earlier choice (the demo's).
 
-Augmentation (on device, in JAX): colour jitter whose ranges widen linearly with training progress
-(brightness (0.8,1.2)->(0.4,1.6), contrast (0.7,1.3)->(0.7,1.7), saturation (0.5,1.5)->(0.5,2.0),
-hue 0.05->0.10; the four ops in a random order, one draw per window so its 3 frames stay consistent),
-and an optional left/right flip that mirrors the image, swaps the arm halves of the label and negates
-dims [0, 4, 5, 7, 11, 12].
+Input (on device, `FrameTransform`): optionally the authors' 832:480 centre crop + bicubic resize and
+their R<->B channel swap, then the IDM's own 512x512 resize and ImageNet normalisation.
+
+Loss: regression of the 14 joints normalised by (train_mean, train_std) with SmoothL1 (config.loss):
+beta 1.0 in the authors' recipe (torch's default); beta 0.05 in eva_jax's, L1 almost everywhere like
+the validation MAE that selects checkpoints. 'l1' and 'mse' are available.
+
+Augmentation (on device, in JAX): colour jitter (brightness, contrast, saturation, hue; the four ops
+in a random order like torchvision), drawn per frame at fixed ranges (authors: ColorJitter runs once
+per frame at progress 0) or once per window with ranges that widen with training progress (eva_jax:
+(0.8,1.2)->(0.4,1.6), (0.7,1.3)->(0.7,1.7), (0.5,1.5)->(0.5,2.0), hue 0.05->0.10), and an optional
+left/right flip that mirrors the image, swaps the arm halves of the label and negates dims
+[0, 4, 5, 7, 11, 12].
 
 Checkpoints (orbax, under workdir/checkpoints, `best/` by val_mae) keep the original's layout:
 {'model_state_dict': nnx state (params, BatchNorm statistics, train_mean/std),
@@ -38,6 +43,7 @@ from flax import nnx
 
 from eva_jax import parallel, weights
 from eva_jax.data import idm_dataset, robotwin
+from eva_jax.data.idm_transforms import FrameTransform
 from eva_jax.models import idm as idm_lib
 from eva_jax.parallel.sharding import named_sharding, state_shardings
 
@@ -48,19 +54,23 @@ FLIP_NEGATE_DIMS = (0, 4, 5, 7, 11, 12)
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Colour-jitter ranges at progress 0 and 1 (interpolated linearly), and the flip probability."""
+  """Colour-jitter ranges at progress 0 and 1 (interpolated linearly when `ramp`, else the progress-0
+  ranges throughout), one draw per frame (`per_frame`) or per window, and the flip probability."""
   color_jitter: bool = True
   brightness: tuple[tuple[float, float], tuple[float, float]] = ((0.8, 1.2), (0.4, 1.6))
   contrast: tuple[tuple[float, float], tuple[float, float]] = ((0.7, 1.3), (0.7, 1.7))
   saturation: tuple[tuple[float, float], tuple[float, float]] = ((0.5, 1.5), (0.5, 2.0))
   hue: tuple[float, float] = (0.05, 0.10)
   flip_prob: float = 0.0
+  ramp: bool = True
+  per_frame: bool = False
 
   @classmethod
   def from_config(cls, c) -> "AugmentConfig":
     pair = lambda v: tuple(tuple(float(x) for x in r) for r in v)
     return cls(color_jitter=bool(c.color_jitter), brightness=pair(c.brightness), contrast=pair(c.contrast),
-               saturation=pair(c.saturation), hue=tuple(float(x) for x in c.hue), flip_prob=float(c.flip_prob))
+               saturation=pair(c.saturation), hue=tuple(float(x) for x in c.hue), flip_prob=float(c.flip_prob),
+               ramp=bool(c.get("ramp", True)), per_frame=bool(c.get("per_frame", False)))
 
 
 def _lerp(r, p):
@@ -136,7 +146,16 @@ def augment(key: jax.Array, frames: jax.Array, actions: jax.Array, progress: jax
             cfg: AugmentConfig) -> tuple[jax.Array, jax.Array]:
   """frames [B, T, H, W, 3] in [0, 1], actions [B, 14] joint units -> augmented pair."""
   kj, kf = jax.random.split(key)
-  if cfg.color_jitter:
+  if not cfg.ramp:
+    progress = jnp.zeros_like(progress)
+  if cfg.color_jitter and cfg.per_frame:
+    # One draw (factors and op order) per frame, like torchvision's ColorJitter called once per frame.
+    b, t = frames.shape[:2]
+    keys = jax.random.split(kj, b * t)
+    single = frames.reshape(b * t, 1, *frames.shape[2:])    # every frame a window of its own
+    single = jax.vmap(color_jitter, in_axes=(0, 0, None, None))(keys, single, progress, cfg)
+    frames = single.reshape(frames.shape)
+  elif cfg.color_jitter:
     keys = jax.random.split(kj, frames.shape[0])
     frames = jax.vmap(color_jitter, in_axes=(0, 0, None, None))(keys, frames, progress, cfg)
   if cfg.flip_prob > 0:
@@ -164,9 +183,16 @@ def regression_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1",
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
+  """Everything static about a train step: input transform, augmentation, loss."""
   augment: AugmentConfig
   loss: str = "smooth_l1"
   beta: float = 0.05
+  transform: FrameTransform = FrameTransform()
+
+  @classmethod
+  def from_config(cls, config) -> "StepConfig":
+    return cls(AugmentConfig.from_config(config.augment), str(config.loss.kind), float(config.loss.beta),
+               FrameTransform.from_config(config.data))
 
 
 @nnx.jit(static_argnames=("cfg",), donate_argnames=("model", "opt"))
@@ -174,7 +200,8 @@ def train_step(model: idm_lib.IDM, opt: nnx.Optimizer, frames: jax.Array, action
                key: jax.Array, progress: jax.Array, cfg: StepConfig) -> dict[str, jax.Array]:
   """One AdamW step. frames uint8 [B, T, H, W, 3], actions [B, 14] joint units."""
   k_aug, k_drop = jax.random.split(key)
-  x, a = augment(k_aug, frames.astype(jnp.float32) / 255.0, actions, progress, cfg.augment)
+  x = cfg.transform(frames.astype(jnp.float32) / 255.0)  # [B, T, H', W', 3]: crop, channel order
+  x, a = augment(k_aug, x, actions, progress, cfg.augment)
   x = idm_lib.preprocess(x, model.cfg.image_size)
   target = model.normalize(a)
 
@@ -188,14 +215,15 @@ def train_step(model: idm_lib.IDM, opt: nnx.Optimizer, frames: jax.Array, action
   return {"loss": loss, "train_mae": mae, "grad_norm": optax.tree.norm(grads)}
 
 
-@nnx.jit
-def _abs_errors(model: idm_lib.IDM, frames: jax.Array, actions: jax.Array) -> jax.Array:
+@functools.partial(nnx.jit, static_argnames=("transform",))
+def _abs_errors(model: idm_lib.IDM, frames: jax.Array, actions: jax.Array,
+                transform: FrameTransform = FrameTransform()) -> jax.Array:
   """[B, 14] absolute errors in joint units (eval mode)."""
-  return jnp.abs(model(frames.astype(jnp.float32) / 255.0) - actions)
+  return jnp.abs(model(transform(frames.astype(jnp.float32) / 255.0)) - actions)
 
 
 def validate(model: idm_lib.IDM, windows, batch_size: int, max_batches: int = 0,
-             sharding=None) -> dict[str, float]:
+             sharding=None, transform: FrameTransform = FrameTransform()) -> dict[str, float]:
   """Validation MAE over every window (or the first `max_batches` batches), overall and per joint."""
   model.eval()
   total, count = None, 0
@@ -206,7 +234,7 @@ def validate(model: idm_lib.IDM, windows, batch_size: int, max_batches: int = 0,
     frames, actions = _pad(batch["frames"], batch_size), _pad(batch["action"], batch_size)
     if sharding is not None:
       frames, actions = jax.device_put(frames, sharding[0]), jax.device_put(actions, sharding[1])
-    err = np.asarray(_abs_errors(model, frames, actions))[:n]  # fixed shapes: one compile
+    err = np.asarray(_abs_errors(model, frames, actions, transform))[:n]  # fixed shapes: one compile
     total = err.sum(0) if total is None else total + err.sum(0)
     count += n
   model.train()
@@ -263,13 +291,46 @@ def build_model(config) -> idm_lib.IDM:
     return nnx.merge(*weights.load("idm", path, cfg))
   model = _init_model(cfg, jax.random.key(config.seed))
   if kind == "imagenet":
-    import torch
     from convert import idm as convert_idm
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd = load_imagenet_state_dict(path, recipe=config.get("recipe", ""))
     pure = nnx.to_pure_dict(nnx.state(model))
-    pure["backbone"] = convert_idm.convert_resnet_backbone(sd, cfg)  # head stays randomly initialised
+    # The head stays randomly initialised (xavier-uniform, zero bias, as the authors').
+    pure["backbone"] = convert_idm.convert_resnet_backbone(sd, cfg, source=str(path))
     _load_pure(model, pure)
   return model
+
+
+IMAGENET_HELP = ("torchvision's ImageNet ResNet-50 weights (the authors' ResNet50_Weights.DEFAULT = "
+                 "IMAGENET1K_V2, file resnet50-11ad3fa6.pth), saved on a machine with internet with "
+                 "torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V2').state_dict(), "
+                 "'resnet50-11ad3fa6.pth'); see docs/idm.md, \"ImageNet start\"")
+
+
+def load_imagenet_state_dict(path, recipe: str = "") -> Mapping[str, Any]:
+  """The torchvision ResNet state dict in `path` (a .pth of `model.state_dict()`), with errors that say
+  what is missing and how to get the file. Nothing is downloaded."""
+  where = f" (recipe {recipe!r})" if recipe else ""
+  if not path:
+    raise ValueError(f"config.init.kind='imagenet'{where} needs --config.init.path: {IMAGENET_HELP}; "
+                     "or train from scratch with --config.init.kind=random")
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"config.init.path={str(path)!r}: no such file; expected {IMAGENET_HELP}")
+  import torch
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # a pickled nn.Module, or not a torch file at all
+    raise ValueError(f"config.init.path={str(path)!r}: not loadable as a plain state dict ({type(e).__name__}: "
+                     f"{str(e)[:200]}); save `model.state_dict()`, not the model: {IMAGENET_HELP}") from e
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"config.init.path={str(path)!r}: holds a {type(sd).__name__}, not a state dict; "
+                     f"expected {IMAGENET_HELP}")
+  return sd
+
+
+def _load_pure(model: nnx.Module, pure: Mapping) -> None:
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  nnx.update(model, state)
 
 
 def set_joint_stats(model: idm_lib.IDM, mean: np.ndarray, std: np.ndarray) -> None:
@@ -291,12 +352,32 @@ def prepare_data(config, workdir: pathlib.Path) -> dict[str, Any]:
   if jax.process_index() == 0:
     episodes = robotwin.list_episodes(d.root, d.pattern)
     logging.info("building the IDM dataset from %d episodes under %s", len(episodes), d.root)
-    idm_dataset.build_idm_dataset(episodes, tfds_dir, val_fraction=d.val_fraction, seed=config.seed,
+    # A frame-level split is drawn from the 'train' split at training time: every episode goes there.
+    val_fraction = d.val_fraction if d.get("split", "episodes") == "episodes" else 0.0
+    idm_dataset.build_idm_dataset(episodes, tfds_dir, val_fraction=val_fraction, seed=config.seed,
                                   camera=d.camera)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("idm_dataset_built")
   return idm_dataset.load_idm_sources(tfds_dir)
+
+
+def make_windows(config, sources) -> tuple[idm_dataset.WindowSource, idm_dataset.WindowSource | None]:
+  """(train, validation) windows of config.data: the prepared 'train' / 'val' episode splits
+  (split 'episodes'), or a seeded frame-level split of the 'train' split's frames (split 'frames',
+  the authors' random_split: val_fraction of them, at most val_max_frames)."""
+  d = config.data
+  if d.split == "episodes":
+    train = idm_dataset.WindowSource(sources["train"], d.num_frames, d.stride)
+    val = idm_dataset.WindowSource(sources["val"], d.num_frames, d.stride) if "val" in sources else None
+    return train, val
+  if d.split == "frames":
+    tr, va = idm_dataset.frame_split(len(sources["train"]), d.val_fraction, d.get("val_max_frames", 0),
+                                     config.seed)
+    train = idm_dataset.WindowSource(sources["train"], d.num_frames, d.stride, indices=tr)
+    val = idm_dataset.WindowSource(sources["train"], d.num_frames, d.stride, indices=va) if len(va) else None
+    return train, val
+  raise ValueError(f"config.data.split: {d.split!r}; expected 'episodes' or 'frames'")
 
 
 def checkpoint_tree(model: nnx.Module, opt: nnx.Optimizer, step: int) -> dict:
@@ -346,12 +427,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
   sources = prepare_data(config, workdir)
   d = config.data
-  train_windows = idm_dataset.WindowSource(sources["train"], d.num_frames, d.stride)
-  val_windows = idm_dataset.WindowSource(sources["val"], d.num_frames, d.stride) if "val" in sources else None
+  train_windows, val_windows = make_windows(config, sources)
+  logging.info("IDM windows: %s train, %s validation (split %r)", len(train_windows),
+               len(val_windows) if val_windows is not None else 0, d.split)
 
   model = build_model(config)
   if d.norm_stats == "dataset":
-    acts = np.stack([np.asarray(r["action"]) for r in sources["train"]])
+    centres = train_windows.indices if train_windows.indices is not None else range(len(train_windows))
+    acts = np.stack([np.asarray(train_windows.records[int(i)]["action"]) for i in centres])
     set_joint_stats(model, acts.mean(0), np.maximum(acts.std(0), 1e-6))
   elif d.norm_stats != "model":
     raise ValueError(f"config.data.norm_stats: {d.norm_stats!r}; expected 'model' (keep the checkpoint's / "
@@ -363,7 +446,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     nnx.update(obj, jax.device_put(st, state_shardings(st, mesh)))
   batch_sharding = (named_sharding(mesh, ("act_batch", None, None, None, None)),
                     named_sharding(mesh, ("act_batch", None)))
-  step_cfg = StepConfig(AugmentConfig.from_config(config.augment), config.loss.kind, float(config.loss.beta))
+  step_cfg = StepConfig.from_config(config)
 
   ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
                       best_metric="val_mae" if val_windows is not None else None, best_mode="min",
@@ -401,7 +484,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
       last.update(writer.write(done, values))
     val: dict[str, float] = {}
     if val_windows is not None and config.eval.every and (done % config.eval.every == 0 or done == total):
-      val = validate(model, val_windows, config.eval.batch_size, config.eval.max_batches, batch_sharding)
+      val = validate(model, val_windows, config.eval.batch_size, config.eval.max_batches, batch_sharding,
+                     step_cfg.transform)
       last.update(writer.write(done, val))
     if done % t.checkpoint_every == 0 or done in (total, stop):
       ckpt.save(done, checkpoint_tree(model, opt, done), metrics=val or None)
@@ -433,16 +517,42 @@ def load_trained_idm(path: str | pathlib.Path, config=None, best: bool = True) -
   return weights.load_module("idm", path, default_cfg=cfg, overrides=overrides, best=best)
 
 
-def episode_metrics(pred: np.ndarray, true: np.ndarray, fps: float) -> dict[str, float]:
-  """Per-joint MAE and the reward's smoothness terms of predicted and true [T, 14] trajectories."""
-  from eva_jax.rl.reward import reward_from_penalty, smoothness_penalty
-  out = {"mae": float(np.abs(pred - true).mean())}
-  out.update({f"mae/{j:02d}": float(v) for j, v in enumerate(np.abs(pred - true).mean(0))})
+# The authors' "correct" test (eval_idm.py / train_idm.py `is_close`): every joint within 0.05 rad and
+# both grippers within 0.5.
+CLOSE_LIMITS = tuple(0.5 if j in (6, 13) else 0.05 for j in range(14))
+
+
+def episode_metrics(pred: np.ndarray, true: np.ndarray, fps: float,
+                    mean: np.ndarray | None = None, std: np.ndarray | None = None) -> dict[str, float]:
+  """The authors' evaluation numbers for one episode's predicted and true [T, 14] trajectories.
+
+  mae, mae/00..13: absolute error in joint units (their `l1_error` and the per-joint view of it);
+  correct_rate: the fraction of frames with every joint within `CLOSE_LIMITS` (their `is_close`);
+  loss: SmoothL1 (beta 1) on joints normalised by (mean, std) when given (their eval loss under
+  --use_normalization); {pred,true}/{jerk,acc,vlim,alim,total,reward}: the terms of their
+  `compute_smoothness` (= the reward's; 0 reward below 4 frames) and {pred,true}/{max,mean}_abs_{v,a,j}
+  its printed velocity / acceleration / jerk statistics.
+  """
+  from eva_jax.rl.reward import smoothness_reward_and_terms
+  err = np.abs(pred - true)
+  out = {"mae": float(err.mean())}
+  out.update({f"mae/{j:02d}": float(v) for j, v in enumerate(err.mean(0))})
+  out["correct_rate"] = float(np.all(err < np.asarray(CLOSE_LIMITS), axis=1).mean())
+  if mean is not None and std is not None:
+    out["loss"] = float(regression_loss(jnp.asarray((pred - mean) / std), jnp.asarray((true - mean) / std),
+                                        "smooth_l1", 1.0))
+  dt = 1.0 / fps
   for name, traj in (("pred", pred), ("true", true)):
-    terms = smoothness_penalty(jnp.asarray(traj[None], jnp.float32), fps)
+    reward, terms = smoothness_reward_and_terms(jnp.asarray(traj[None], jnp.float32), fps)
     for k, v in terms.items():
       out[f"{name}/{k}"] = float(v[0])
-    out[f"{name}/reward"] = float(reward_from_penalty(terms["total"])[0])
+    out[f"{name}/reward"] = float(reward[0])
+    v = np.diff(traj, axis=0) / dt
+    a = np.diff(v, axis=0) / dt
+    j = np.diff(a, axis=0) / dt
+    for sym, x in (("v", v), ("a", a), ("j", j)):
+      out[f"{name}/max_abs_{sym}"] = float(np.abs(x).max()) if x.size else 0.0
+      out[f"{name}/mean_abs_{sym}"] = float(np.abs(x).mean()) if x.size else 0.0
   return out
 
 
@@ -450,20 +560,44 @@ def _bucket(n: int, multiple: int = 16) -> int:
   return -(-n // multiple) * multiple
 
 
-def predict_episode(model: idm_lib.IDM, frames_u8: np.ndarray, batch_size: int | None = 64) -> np.ndarray:
+@functools.partial(nnx.jit, static_argnames=("stride", "transform", "batch_size"))
+def _predict_windows(model: idm_lib.IDM, video_u8: jax.Array, stride: int, transform: FrameTransform,
+                     batch_size: int | None) -> jax.Array:
+  """uint8 [T, H, W, 3] -> [T, 14]: each frame transformed and resized once, then the clamped windows
+  [i - stride, i, i + stride] gathered and run in chunks of `batch_size`."""
+  x = idm_lib.preprocess(transform(video_u8.astype(jnp.float32) / 255.0), model.cfg.image_size)
+  idx = jnp.asarray(robotwin.window_indices(x.shape[0], model.cfg.num_frames, stride))  # [T, 3]
+  windows = x[idx]                                                                       # [T, 3, S, S, 3]
+  t = windows.shape[0]
+  if batch_size is None or batch_size >= t:
+    out = model.normalized(windows)
+  else:
+    pad = -t % batch_size
+    chunks = jnp.pad(windows, ((0, pad),) + ((0, 0),) * 4).reshape(-1, batch_size, *windows.shape[1:])
+    out = jax.lax.map(model.normalized, chunks).reshape(-1, model.cfg.action_dim)[:t]
+  return model.denormalize(out)
+
+
+def predict_episode(model: idm_lib.IDM, frames_u8: np.ndarray, batch_size: int | None = 64,
+                    transform: FrameTransform = FrameTransform(), stride: int = 1) -> np.ndarray:
   """[T, H, W, 3] uint8 -> [T, 14] joint units. The video is padded to a multiple of 16 frames by
-  repeating its last frame, which leaves every clamped window unchanged and bounds recompiles."""
+  repeating its last frame, which leaves every clamped window unchanged (for any stride) and bounds
+  recompiles. Stride 1 without a transform is the reward's own path (`actions_from_video`)."""
   n = len(frames_u8)
   padded = np.concatenate([frames_u8, np.repeat(frames_u8[-1:], _bucket(n) - n, axis=0)])
-  video = jnp.asarray(padded, jnp.float32)[None] / 255.0
-  return np.asarray(idm_lib.actions_from_video(model, video, batch_size or None))[0, :n]
+  if transform.is_identity and stride == 1:
+    video = jnp.asarray(padded, jnp.float32)[None] / 255.0
+    return np.asarray(idm_lib.actions_from_video(model, video, batch_size or None))[0, :n]
+  return np.asarray(_predict_windows(model, jnp.asarray(padded), stride, transform, batch_size or None))[:n]
 
 
 def evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   """Per-episode predictions of the IDM in config.eval.checkpoint on the episodes under
-  config.eval.episodes (default: the validation split's episodes of config.data.root), with per-joint
-  MAE, smoothness of predicted vs true trajectories (metrics.json, per_episode.jsonl) and one PNG of
-  predicted vs true joints per episode (plots/)."""
+  config.eval.episodes (default: the held-out episodes of config.data.root with split 'episodes', every
+  episode of it with split 'frames', where no episode is held out: point data.root at a test root as
+  the authors do), with the input of config.data (stride, crop, channel order) and the authors'
+  numbers (`episode_metrics`) in metrics.json (means over episodes) and per_episode.jsonl, and one PNG
+  of predicted vs true joints per episode (plots/)."""
   import json
   from eva_jax.utils.plots import plot_joint_trajectories
   from eva_jax.utils.progress import progress
@@ -478,16 +612,21 @@ def evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     if not config.data.root:
       raise ValueError("evaluate: set config.eval.episodes (comma-separated HDF5 files) or config.data.root")
     episodes = robotwin.list_episodes(config.data.root, config.data.pattern)
-    paths = [pathlib.Path(p) for p in idm_dataset.split_episodes(
-        episodes, config.data.val_fraction, config.seed)["val"] or episodes]
+    if config.data.get("split", "episodes") == "frames":
+      paths = [pathlib.Path(p) for p in episodes]
+    else:
+      paths = [pathlib.Path(p) for p in idm_dataset.split_episodes(
+          episodes, config.data.val_fraction, config.seed)["val"] or episodes]
   if e.max_episodes:
     paths = paths[: e.max_episodes]
+  transform, stride = FrameTransform.from_config(config.data), int(config.data.stride)
+  mean, std = np.asarray(model.train_mean[...]), np.asarray(model.train_std[...])
   rows = []
   with open(workdir / "per_episode.jsonl", "w") as f:
     for i, path in enumerate(progress(paths, desc="eval idm")):
       frames, true = robotwin.read_episode(path, config.data.camera)
-      pred = predict_episode(model, frames, e.idm_batch_size)
-      row = episode_metrics(pred, true, e.fps)
+      pred = predict_episode(model, frames, e.idm_batch_size, transform, stride)
+      row = episode_metrics(pred, true, e.fps, mean, std)
       f.write(json.dumps({"episode": str(path), **row}) + "\n")
       rows.append(row)
       if i < e.max_plots or not e.max_plots:

@@ -8,6 +8,8 @@
   weight_decay    decoupled weight decay (EVA SFT: 0.05)
   schedule        'constant' | 'constant_with_warmup' | 'cosine'
   warmup_steps    linear warm-up from 0 (optimizer steps, i.e. after accumulation)
+  warmup_fraction warm-up as a fraction of total_steps: int(fraction * total_steps) steps, as the EVA
+                  IDM trainer's int(0.1 * num_iterations); 0 = use warmup_steps (setting both is an error)
   total_steps     length of the cosine decay (warm-up included)
   grad_clip_norm  clip by global norm; 0 = off
   grad_clip_value clip every gradient element to [-v, v]; 0 = off (Lightning's
@@ -35,6 +37,7 @@ DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.05,
     schedule="constant_with_warmup",
     warmup_steps=100,
+    warmup_fraction=0.0,
     total_steps=0,
     grad_clip_norm=0.0,
     grad_clip_value=1.0,
@@ -51,11 +54,24 @@ def _get(cfg: Mapping[str, Any] | Any, field: str) -> Any:
   return getattr(cfg, field, DEFAULTS[field])
 
 
+def warmup_steps(cfg) -> int:
+  """The warm-up length in optimizer steps: warmup_steps, or int(warmup_fraction * total_steps)."""
+  fraction = float(_get(cfg, "warmup_fraction"))
+  steps = int(_get(cfg, "warmup_steps"))
+  if fraction == 0:
+    return steps
+  if steps > 0:
+    raise ValueError(f"optimizer config: set warmup_steps ({steps}) or warmup_fraction ({fraction}), not both")
+  if not 0 < fraction < 1:
+    raise ValueError(f"optimizer config: warmup_fraction must be in [0, 1), got {fraction}")
+  return int(fraction * int(_get(cfg, "total_steps")))
+
+
 def make_schedule(cfg) -> optax.Schedule:
   """Learning rate as a function of the optimizer step (counted after gradient accumulation)."""
   lr = float(_get(cfg, "learning_rate"))
   kind = _get(cfg, "schedule")
-  warmup = int(_get(cfg, "warmup_steps"))
+  warmup = warmup_steps(cfg)
   if kind == "constant":
     return optax.constant_schedule(lr)
   if kind == "constant_with_warmup":
