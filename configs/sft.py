@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The DiT: a WanConfig preset plus how to run it. param_dtype float32 = master weights.
   c.model = ml_collections.ConfigDict(dict(
-      preset="i2v-14b", dtype="bfloat16", param_dtype="float32", attention="cudnn", remat="full",
+      preset="i2v-14b", dtype="bfloat16", param_dtype="float32", attention="auto", remat="full",
       scan_layers=True, num_layers=0))                        # num_layers 0 = the preset's
   # Initial weights: 'random' | 'orbax' (a converted checkpoint or an SFT run dir) | 'torch' (a
   # Wan/LVP/EVA .safetensors/.ckpt file or directory, converted on the fly).

@@ -14,7 +14,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from eva_jax import parallel
 from eva_jax.models.wan import WanModel, wan_config
-from eva_jax.models.wan import attention as attn
+from eva_jax.models.wan import attention as attn, splash
 from eva_jax.models.wan.splash import fit_blocks, padded_fraction, splash_attention
 from eva_jax.parallel.context import ulysses_attention
 from tests.utils import rel_err
@@ -71,6 +71,20 @@ def test_splash_masks_padded_keys_per_example():
   _assert_close(got, ref)
 
 
+def test_splash_under_a_mesh_runs_per_shard():
+  """Under jax.set_mesh (data 2 x tensor 2) the kernel runs in a shard_map over examples and heads, with the
+  per-example lengths sharded alongside: equal to single-device xla attention."""
+  mesh = parallel.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
+  q, k, v = _qkv(16, 40)
+  lengths = jnp.array([40, 9])
+  ref = _out_and_grads(lambda q, k, v: attn.attention(q, k, v, backend="xla", kv_seq_lengths=lengths), q, k, v)
+  fn = lambda q, k, v: attn.attention(q, k, v, backend="splash:128,128,128", kv_seq_lengths=lengths)
+  with pltpu.force_tpu_interpret_mode(), jax.set_mesh(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
+    got = _out_and_grads(fn, q, k, v)
+  _assert_close(got, ref)
+
+
 def test_splash_under_ulysses_with_padding():
   """Splash inside the Ulysses all-to-alls (shard_map over 'context' = 2): 13 tokens padded to 14, the padded key
   masked by the static length, equal to single-device xla attention."""
@@ -85,18 +99,21 @@ def test_splash_under_ulysses_with_padding():
 
 # MARK: the DiT
 
-def test_tiny_dit_splash_equals_xla():
-  """tiny-i2v (one scanned layer, 16 text tokens): the forward and the parameter gradients with
-  attention='splash' equal 'xla'. Blocks of 384 keys take the 257 CLIP keys in one kernel step."""
+def test_tiny_dit_splash_equals_xla(monkeypatch):
+  """tiny-i2v, one layer under nnx.scan and nnx.remat (full), 16 text tokens, the 257 CLIP keys: the forward and
+  the parameter gradients with attention='splash' equal 'xla'. The kernels run in Pallas's generic interpreter:
+  TPU interpret mode's host callbacks cannot be rematerialised (a limit of the simulation, not of the TPU)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((1, 3, 4, 6, 16)), jnp.float32)                     # 18 tokens
   t = jnp.array([700.0])
   ctx = jnp.asarray(rng.standard_normal((1, 7, 24)), jnp.float32)
   clip = jnp.asarray(rng.standard_normal((1, 257, 20)), jnp.float32)
+  make = lambda attention: WanModel(wan_config("tiny-i2v", attention=attention, num_layers=1, text_len=16,
+                                              remat="full"), rngs=nnx.Rngs(0))
+  _, state = nnx.split(make("xla"))                       # one set of weights for both (eager init is slow)
 
   def out_and_grads(attention):
-    cfg = wan_config("tiny-i2v", attention=attention, num_layers=1, text_len=16)
-    graphdef, state = nnx.split(WanModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(attention)))
 
     def loss(state):
       out = nnx.merge(graphdef, state)(x, t, ctx, clip)
@@ -105,11 +122,25 @@ def test_tiny_dit_splash_equals_xla():
     return out, grads
 
   out_ref, g_ref = out_and_grads("xla")
-  with pltpu.force_tpu_interpret_mode():
-    out, g = out_and_grads("splash:128,384,128")
+  monkeypatch.setattr(splash, "INTERPRET", True)
+  out, g = out_and_grads("splash:128,384,128")      # 384 keys: the CLIP tokens in one block
   assert rel_err(out, out_ref) <= 1e-5
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     assert rel_err(a, b) <= 1e-4  # float32 sums in another order; the smallest leaves (norm ~1e-4) move most
+
+
+def test_tiny_dit_lowers_for_tpu_with_remat(monkeypatch):
+  """The TPU program itself (Mosaic kernels, not the interpreter): tiny-i2v's forward + backward under nnx.scan and
+  nnx.remat with attention='auto' lowers for the TPU on this CPU, with splash forward and fused backward kernels
+  for the self, text and CLIP attentions (the rematerialised forward adds a second set of forward kernels)."""
+  monkeypatch.setattr(attn, "TARGET_PLATFORM", "tpu")
+  model = nnx.eval_shape(lambda: WanModel(wan_config("tiny-i2v", num_layers=2, remat="full"), rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  x, t = jax.ShapeDtypeStruct((1, 3, 4, 6, 16), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32)
+  ctx, clip = jax.ShapeDtypeStruct((1, 7, 24), jnp.float32), jax.ShapeDtypeStruct((1, 257, 20), jnp.float32)
+  loss = lambda state, *xs: jnp.mean(nnx.merge(graphdef, state)(*xs) ** 2)
+  text = jax.jit(jax.grad(loss)).trace(state, x, t, ctx, clip).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 9, text.count("tpu_custom_call")
 
 
 # MARK: backend choice and block sizes

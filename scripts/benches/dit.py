@@ -3,10 +3,12 @@
   python scripts/bench.py dit-block --size tiny      # CPU: tiny i2v, diffusers reference in the same run
   python scripts/bench.py dit-block --size eva       # GPU: i2v-14B block at 13x60x80 latents (15,600 tokens)
   python scripts/bench.py dit --size eva             # GPU: the 40-layer i2v-14B forward at 15,600 tokens
+  python scripts/bench.py dit-block --size eva --attention=splash:1024,1024,512   # TPU: splash, other blocks
 
 Sizes: tiny (tiny-i2v, latent 5x8x12), eva (i2v-14B dims, latent 13x60x80), wan (21x60x104, 32,760 tokens),
-custom (--frames/--height/--width in pixels). On GPU the default is bf16 with cuDNN attention; on CPU float32 with
-XLA attention. The diffusers reference runs when it can (always for tiny; for the large sizes only with CUDA torch).
+custom (--frames/--height/--width in pixels). On GPU the default is bf16 with cuDNN attention, on TPU bf16 with
+splash attention; on CPU float32 with XLA attention (--attention picks another backend). The diffusers reference
+runs when it can (always for tiny; for the large sizes only with CUDA torch).
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ def block_flops(cfg, tokens: int) -> float:
 
 
 def _config(size, args, num_layers):
-  on_gpu = jax.devices()[0].platform == "gpu"
-  dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+  on_accel = jax.devices()[0].platform in ("gpu", "tpu")
+  dtype = args.dtype or ("bfloat16" if on_accel else "float32")
   base = "tiny-i2v" if size == "tiny" else "i2v-14b"
   remat = getattr(args, "remat", None) or ("full" if num_layers > 1 else "none")
-  return wan_config(base, num_layers=num_layers, dtype=dtype, param_dtype=dtype,
-                    attention="cudnn" if on_gpu else "xla", remat=remat)
+  # --attention; by default the accelerator's flash kernel ('auto': cudnn on GPU, splash on TPU), xla on CPU
+  attention = getattr(args, "attention", None) or ("auto" if on_accel else "xla")
+  return wan_config(base, num_layers=num_layers, dtype=dtype, param_dtype=dtype, attention=attention, remat=remat)
 
 
 def _torch_reference(size, args, full):
@@ -84,7 +87,9 @@ def run(size: str, args) -> dict:
   dt = cfg.compute_dtype
   key = jax.random.key(0)
   k1, k2, k3, k4 = jax.random.split(key, 4)
-  result = dict(what=what, tokens=tokens, latent=grid_lat, dtype=cfg.dtype, attention=cfg.attention,
+  from eva_jax.models.wan.attention import current_platform, resolve_backend
+  result = dict(what=what, tokens=tokens, latent=grid_lat, dtype=cfg.dtype,
+                attention=resolve_backend(cfg.attention, current_platform()),
                 layers=cfg.num_layers, remat=cfg.remat, init_s=init_s,
                 cudnn_kv_multiple=wan_attention.CUDNN_KV_MULTIPLE)
 

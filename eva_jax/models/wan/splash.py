@@ -25,12 +25,16 @@ On CPU the kernel runs only under Pallas's TPU interpret mode (tests: `pltpu.for
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 DEFAULT_BLOCKS = (2048, 2048, 512)   # block_q, block_kv, block_kv_compute
 LANES = 128                          # TPU vector lane width: block sizes and head_dim are padded to multiples of it
+# Tests on CPU: True runs every splash kernel through Pallas's generic interpreter (interpret=True). Unlike TPU
+# interpret mode, whose host callbacks jax cannot rematerialise, it runs under nnx.remat.
+INTERPRET = False
 
 
 def _round_up(x: int, m: int) -> int:
@@ -74,12 +78,46 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_seq_lengths: j
                      scale: float | None = None, *, blocks=None, interpret: bool = False) -> jax.Array:
   """softmax(q k^T * scale) v over the first kv_seq_lengths keys with the splash kernel. q [B, Lq, N, d],
   k/v [B, Lk, N, d]; kv_seq_lengths [B] int, one int for all, or None. `interpret=True` runs the kernel through
-  Pallas's generic interpreter (CPU tests of the vmapped path)."""
+  Pallas's generic interpreter (CPU tests of the vmapped path).
+
+  XLA cannot partition a Pallas kernel: under a mesh (jax.set_mesh) the kernel runs in a shard_map, each device
+  on its examples (act_batch), heads (act_heads) and, for q, its sequence shard (act_seq; keys stay whole), as
+  the rules table in eva_jax/parallel/sharding.py places them. Inside a shard_map (Ulysses) it runs as is."""
   from eva_jax.models.wan.attention import current_platform
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
+  interpret = interpret or INTERPRET
   if current_platform() != "tpu" and not (interpret or _interpret_mode()):
     raise ValueError(f"config.model.attention='splash' runs on TPU ({current_platform().upper()} here; on CPU only "
                      "under pltpu.force_tpu_interpret_mode()). Use 'auto' or 'chunked' on CPU, 'cudnn' on GPU.")
+  local = functools.partial(_splash_local, scale=scale, blocks=blocks, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return local(q, k, v, kv_seq_lengths)
+  q_spec, kv_spec, batch_spec = _specs(mesh, q.shape, k.shape)
+  if kv_seq_lengths is None or isinstance(kv_seq_lengths, int):
+    fn = lambda q, k, v: local(q, k, v, kv_seq_lengths)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+  lengths = jnp.asarray(kv_seq_lengths, jnp.int32)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, jax.P(batch_spec)),
+                       out_specs=q_spec, check_vma=False)(q, k, v, lengths)
+
+
+def _specs(mesh, q_shape, k_shape):
+  """PartitionSpecs of q and k/v [B, L, N, d] (and the batch entry) from the logical rules; a dimension that
+  does not divide over its mesh axes is left whole (gathered) rather than refused."""
+  from eva_jax.parallel.sharding import _drop_absent_axes, logical_to_spec
+  spec = _drop_absent_axes(logical_to_spec(("act_batch", "act_seq", "act_heads", None)), mesh)
+
+  def fit(entry, size):
+    axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    return entry if size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+  b, s, h = fit(spec[0], q_shape[0]), fit(spec[1], q_shape[1]), fit(spec[2], q_shape[2])
+  return jax.P(b, s, h, None), jax.P(b, None, h, None), b
+
+
+def _splash_local(q, k, v, kv_seq_lengths, *, scale, blocks, interpret):
+  """splash_attention on one device's arrays."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
   b, lq, n, d = q.shape
   lk = k.shape[1]
   scale = d ** -0.5 if scale is None else scale
