@@ -51,6 +51,25 @@ def _config(size, args, num_layers):
   return wan_config(base, num_layers=num_layers, dtype=dtype, param_dtype=dtype, attention=attention, remat=remat)
 
 
+def _splash_check(cfg, tokens: int) -> dict:
+  """Splash at the block's self-attention shape in the compute dtype against 'chunked' in float32: relative
+  errors of the output and of the q, k, v gradients (the first numerics check on a TPU)."""
+  from eva_jax.models.wan.attention import attention
+  keys = jax.random.split(jax.random.key(1), 4)
+  q, k, v, g = (jax.random.normal(kk, (1, tokens, cfg.num_heads, cfg.head_dim), jnp.float32) for kk in keys)
+
+  def out_and_grads(backend, dtype):
+    def f(q, k, v, g):
+      out, vjp = jax.vjp(lambda *x: attention(*x, backend=backend).astype(jnp.float32),
+                         *(x.astype(dtype) for x in (q, k, v)))
+      return (out, *vjp(g))
+    return [np.asarray(x, np.float32) for x in jax.jit(f)(q, k, v, g)]
+  got = out_and_grads(cfg.attention, cfg.compute_dtype)
+  ref = out_and_grads("chunked", jnp.float32)
+  err = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  return dict(zip(("out_rel_err", "dq_rel_err", "dk_rel_err", "dv_rel_err"), map(err, got, ref)))
+
+
 def _torch_reference(size, args, full):
   """The diffusers model with the same random weights, where it can run: always for tiny (CPU float32);
   for the large sizes one block (dit-block) when CUDA torch is present. None otherwise."""
@@ -93,6 +112,8 @@ def run(size: str, args) -> dict:
                 layers=cfg.num_layers, remat=cfg.remat, init_s=init_s,
                 cudnn_kv_multiple=wan_attention.CUDNN_KV_MULTIPLE)
 
+  if result["attention"].startswith("splash"):
+    result["splash_check"] = _splash_check(cfg, tokens)
   if full:
     x = jax.random.normal(k1, (1, f, h, w, 16), jnp.float32)
     t = jnp.array([700.0])
