@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The policy: Wan I2V DiT + LoRA; the frozen base comes from the SFT checkpoint (orbax dir).
   c.model = ml_collections.ConfigDict(dict(
-      preset="i2v-14b", checkpoint="", dtype="bfloat16", param_dtype="bfloat16", attention="cudnn",
+      preset="i2v-14b", checkpoint="", dtype="bfloat16", param_dtype="bfloat16", attention="auto",
       remat="full", lora_rank=32, lora_alpha=32.0, num_layers=0,    # num_layers 0 = the preset's
       sharded_init=True,    # init inside jit with out_shardings (no device holds all 14B); False: eager
       precision="wan"))     # 'eva': EVA's bf16 time embedding / modulation / residual (configs/sft.py)

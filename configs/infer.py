@@ -7,7 +7,7 @@
       --config.sampler.hist_guidance=1.5 --config.sampler.lang_guidance=2.5
   python scripts/infer.py --config=configs/infer.py:tiny      # random tiny models, CPU, seconds
 
-Variants: 'eva' (default: Wan2.1-I2V-14B at 49x480x640, bf16, cuDNN attention) and 'tiny'.
+Variants: 'eva' (default: Wan2.1-I2V-14B at 49x480x640, bf16, attention "auto": cuDNN on GPU, splash on TPU) and 'tiny'.
 `ckpt.wan_dir` fills the per-model paths it finds (diffusion model shards, VAE, CLIP, umT5, tokenizer)
 unless they are given. Videos land in outputs/<date>/<time>/videos/*.mp4 at 16 fps. See docs/inference.md.
 """
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model presets and precision.
   c.model = ml_collections.ConfigDict(dict(dit="i2v-14b", vae="wan2.1", clip="vit-h-14", umt5="umt5-xxl",
-                                           dtype="bfloat16", param_dtype="bfloat16", attention="cudnn"))
+                                           dtype="bfloat16", param_dtype="bfloat16", attention="auto"))
   # 'wan': Wan's float32 time embedding / modulation / residual; 'eva': EVA's bf16 regime (docs/models.md)
   c.model.precision = "wan"
   c.model.dit_overrides = ml_collections.ConfigDict()  # extra WanConfig fields (e.g. remat, attn_chunk_size)

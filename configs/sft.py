@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The DiT: a WanConfig preset plus how to run it. param_dtype float32 = master weights.
   c.model = ml_collections.ConfigDict(dict(
-      preset="i2v-14b", dtype="bfloat16", param_dtype="float32", attention="cudnn", remat="full",
+      preset="i2v-14b", dtype="bfloat16", param_dtype="float32", attention="auto", remat="full",
       scan_layers=True, num_layers=0))                        # num_layers 0 = the preset's
   # precision 'wan' (default): Wan's float32 time embedding, modulation and residual; 'eva': those in
   # model.dtype and the VAE's latent statistics in bf16, as EVA's fork runs (docs/models.md).

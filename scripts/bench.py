@@ -4,6 +4,7 @@
   python scripts/bench.py vae --size eva
   python scripts/bench.py all --size tiny            # every subcommand
   python scripts/bench.py --device-check             # the prepared GPU run (< 8 min on one GPU)
+  python scripts/bench.py dit-block --size eva --attention=splash   # TPU: one 14B block with splash attention
 
 Each subcommand lives in scripts/benches/<module>.py as `run(size, args) -> dict`. Results are printed
 as a table and written as JSON under outputs/<date>/<time>/bench/. See docs/benchmarks.md.
@@ -120,6 +121,9 @@ def main(argv=None) -> int:
                       help="dit/dit-block: per-kernel device time from a profiler trace, optimised HLO to --out")
   parser.add_argument("--remat", default=None, choices=("none", "full", "dots", "offload"),
                       help="dit: the layer rematerialisation policy of the forward+backward (default full)")
+  parser.add_argument("--attention", "--config.model.attention", dest="attention", default=None,
+                      help="dit/dit-block: the attention backend (auto, xla, cudnn, chunked, splash or "
+                           "splash:BQ,BKV,BKVC; default cudnn on GPU, splash on TPU, xla on CPU)")
   parser.add_argument("--kv-multiple", type=int, default=None,
                       help="cuDNN attention: pad key lengths to a multiple of this (default "
                            "eva_jax.models.wan.attention.CUDNN_KV_MULTIPLE); the device check probes what is safe")

@@ -2,12 +2,17 @@
 
   python scripts/plan_memory.py                                # all steps, all targets in TARGETS
   python scripts/plan_memory.py --target 8xH100 --step grpo-update --layers 40
+  python scripts/plan_memory.py --target v5p-16 --target v6e-16-ulysses4   # TPU slices
 
 Each step is lowered and compiled with `jax.jit(...).lower(abstract inputs).compile()` on a mesh of fake
 CPU devices (no weights, nothing is run), and `compiled.memory_analysis()` gives the per-device bytes of
 arguments, outputs and temporaries. The CPU compiler's buffer plan stands in for the accelerator's, and
 the memory-bounded 'chunked' attention stands in for cuDNN/splash flash attention (neither materialises
 L×L scores), so the figures are estimates; the table in docs/scale.md says how they compare.
+
+TPU targets also lower the same step for the TPU with the 'splash' backend (the program a TPU compiles: the
+Pallas splash kernels as Mosaic custom calls, checked for EVA's shapes and the block sizes) and report how
+many kernels it holds; compiling it, and so its memory plan, needs a TPU.
 
 Steps (EVA's shapes: 49 frames at 480×640 → latent 13×60×80, 15,600 tokens, text 512, CLIP 257):
   sampler-step   one guided DiT forward: 3 passes (cond, no-text, no-history) batched, bf16 weights
@@ -31,13 +36,18 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> (devices, GiB per device, mesh axis sizes)
+# name -> (devices, GiB per device, mesh axis sizes). TPU slice names count TensorCores on v5p (2 per chip,
+# one jax device per chip) and chips on v6e (32 GiB each).
 TARGETS = {
     "8xH100": (8, 80, {"fsdp": 8}),
     "8xH200": (8, 141, {"fsdp": 8}),
     "8xH100-ulysses4": (8, 80, {"fsdp": 2, "context": 4}),
-    "v5p-64": (64, 95, {"fsdp": 64}),
+    "v5p-16": (8, 95, {"fsdp": 8}),
+    "v5p-64": (32, 95, {"fsdp": 32}),
+    "v6e-8-ulysses4": (8, 32, {"fsdp": 2, "context": 4}),
+    "v6e-16-ulysses4": (16, 32, {"fsdp": 4, "context": 4}),
 }
+TPU_TARGETS = {t for t in TARGETS if t.startswith("v")}
 STEPS = ("sampler-step", "sft-step", "grpo-update")
 LATENT = (13, 60, 80)
 
@@ -52,9 +62,12 @@ def _abstract(tree, shardings):
   return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, shard_leaves)])
 
 
+ATTENTION = "chunked"   # the stand-in for the memory plan; "splash" for the TPU lowering (splash_check)
+
+
 def _wan_cfg(layers: int, **kw):
   from eva_jax.models.wan import wan_config
-  return wan_config("i2v-14b", num_layers=layers, attention="chunked", attn_chunk_size=1024, **kw)
+  return wan_config("i2v-14b", num_layers=layers, attention=ATTENTION, attn_chunk_size=1024, **kw)
 
 
 def _batch(mesh, shapes: dict):
@@ -80,8 +93,7 @@ def compile_sampler_step(mesh, layers: int):
   ins = _batch(mesh, {"x": ((b, f, h, w, 16), jnp.float32), "t": ((b, f), jnp.float32),
                       "ctx": ((b, 512, 4096), jnp.bfloat16), "clip": ((b, 257, 1280), jnp.bfloat16)})
   fn = jax.jit(lambda st, x, t, ctx, clip: nnx.merge(gdef, st)(x, t, ctx, clip))
-  with jax.set_mesh(mesh):
-    return fn.lower(_abstract(state, shard), ins["x"], ins["t"], ins["ctx"], ins["clip"]).compile(), b
+  return fn, (_abstract(state, shard), ins["x"], ins["t"], ins["ctx"], ins["clip"]), b
 
 
 def compile_sft_step(mesh, layers: int):
@@ -100,8 +112,7 @@ def compile_sft_step(mesh, layers: int):
                         "clip_fea": ((b, 257, 1280), jnp.bfloat16)})
   fn = jax.jit(trainer._train_step_impl, in_shardings=(trainer.state_shardings, {k: v.sharding for k, v in batch.items()}),
                out_shardings=(trainer.state_shardings, trainer.replicated), donate_argnums=(0,))
-  with jax.set_mesh(mesh):
-    return fn.lower(trainer.abstract_state(), batch).compile(), b
+  return fn, (trainer.abstract_state(), batch), b
 
 
 def compile_grpo_update(mesh, layers: int):
@@ -137,8 +148,7 @@ def compile_grpo_update(mesh, layers: int):
   batch["cond"] = _batch(mesh, {"context": ((b, 512, 4096), jnp.bfloat16), "clip_fea": ((b, 257, 1280), jnp.bfloat16)})
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   fn = jax.jit(update, donate_argnums=(0, 1))
-  with jax.set_mesh(mesh):
-    return fn.lower(abs_lora, opt, _abstract(base, base_sh), batch, key).compile(), b
+  return fn, (abs_lora, opt, _abstract(base, base_sh), batch, key), b
 
 
 COMPILERS = {"sampler-step": compile_sampler_step, "sft-step": compile_sft_step, "grpo-update": compile_grpo_update}
@@ -151,7 +161,9 @@ def plan_one(target: str, step: str, layers: int) -> dict:
   devices, gib, sizes = TARGETS[target]
   mesh = parallel.make_mesh(sizes)
   t0 = time.perf_counter()
-  compiled, batch = COMPILERS[step](mesh, layers)
+  fn, args, batch = COMPILERS[step](mesh, layers)
+  with jax.set_mesh(mesh):
+    compiled = fn.lower(*args).compile()
   mem = compiled.memory_analysis()
   arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
   alias = getattr(mem, "alias_size_in_bytes", 0)
@@ -159,7 +171,27 @@ def plan_one(target: str, step: str, layers: int) -> dict:
   return {"target": target, "step": step, "layers": layers, "devices": devices, "mesh": sizes,
           "global_batch": batch, "argument_gib": arg / 2**30, "output_gib": out / 2**30, "temp_gib": tmp / 2**30,
           "alias_gib": alias / 2**30, "peak_gib": peak / 2**30, "device_gib": gib, "fits": peak <= 0.9 * gib * 2**30,
-          "compile_s": time.perf_counter() - t0}
+          "compile_s": time.perf_counter() - t0, **(splash_check(step, mesh, layers) if target in TPU_TARGETS else {})}
+
+
+def splash_check(step: str, mesh, layers: int) -> dict:
+  """Lowers `step` for the TPU with attention='splash' (on the fake CPU devices: lowering needs no TPU) and
+  counts the Mosaic kernels in it. The splash kernels' shape and block rules are checked while tracing."""
+  global ATTENTION
+  import jax
+  from eva_jax.models.wan import attention as wan_attention
+  from eva_jax.models.wan.splash import DEFAULT_BLOCKS, padded_fraction
+  t0 = time.perf_counter()
+  ATTENTION, wan_attention.TARGET_PLATFORM = "splash", "tpu"
+  try:
+    fn, args, _ = COMPILERS[step](mesh, layers)
+    with jax.set_mesh(mesh):
+      text = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  finally:
+    ATTENTION, wan_attention.TARGET_PLATFORM = "chunked", None
+  tokens = LATENT[0] * (LATENT[1] // 2) * (LATENT[2] // 2)
+  return {"splash_kernels": text.count("tpu_custom_call"), "splash_blocks": list(DEFAULT_BLOCKS),
+          "splash_padding": padded_fraction(tokens), "splash_lower_s": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:
@@ -195,9 +227,10 @@ def main(argv=None) -> int:
 def _fmt(r: dict) -> str:
   if "error" in r:
     return f"{r['target']:<16} {r['step']:<13} ERROR {r['error']}"
+  splash = f"  splash: {r['splash_kernels']} TPU kernels lowered" if "splash_kernels" in r else ""
   return (f"{r['target']:<16} {r['step']:<13} batch {r['global_batch']:>3}  args {r['argument_gib']:6.1f} GiB  "
           f"temp {r['temp_gib']:6.1f} GiB  peak {r['peak_gib']:6.1f} / {r['device_gib']} GiB  "
-          f"{'fits' if r['fits'] else 'DOES NOT FIT'}  (compile {r['compile_s']:.0f} s)")
+          f"{'fits' if r['fits'] else 'DOES NOT FIT'}  (compile {r['compile_s']:.0f} s){splash}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,12 @@ def load_idm(config, mesh):
     raise ValueError("GRPO needs the reward IDM: set --config.reward.idm_checkpoint=<IDM_singleview.pt "
                      "or an orbax IDM checkpoint directory> (the original's reward_model_path)")
   idm = weights.load_module("idm", path, mesh=mesh, default_cfg=idm_config(config.reward.idm_preset))
+  run = weights.read_run_config(path) if weights.source_format(path) == "run" else None
+  if run is not None and run.get("data", {}).get("channel_order") == "bgr_swapped":
+    # The authors' quirk (docs/idm.md): their IDM trains on R<->B-swapped frames and is scored on unswapped
+    # video, as this reward does. Say so: an IDM trained here with the quirk sees colours it never saw.
+    print(f"warning: reward IDM {path} was trained with data.channel_order='bgr_swapped'; the reward feeds "
+          "the decoded video unswapped, as EVA's reward does (docs/idm.md, 'Channel order')")
   return nnx.split(idm)
 
 

@@ -3,11 +3,12 @@
   python scripts/bench.py dit-block --size tiny      # CPU: tiny i2v, diffusers reference in the same run
   python scripts/bench.py dit-block --size eva       # GPU: i2v-14B block at 13x60x80 latents (15,600 tokens)
   python scripts/bench.py dit --size eva             # GPU: the 40-layer i2v-14B forward at 15,600 tokens
+  python scripts/bench.py dit-block --size eva --attention=splash:1024,1024,512   # TPU: splash, other blocks
 
 Sizes: tiny (tiny-i2v, latent 5x8x12), eva (i2v-14B dims, latent 13x60x80), wan (21x60x104, 32,760 tokens),
-custom (--frames/--height/--width in pixels). On GPU the default is bf16 with cuDNN attention; on CPU float32 with
-XLA attention. The diffusers reference runs when it can (always for tiny; for the large sizes only with CUDA torch).
-
+custom (--frames/--height/--width in pixels). On GPU the default is bf16 with cuDNN attention, on TPU bf16 with
+splash attention; on CPU float32 with XLA attention (--attention picks another backend). The diffusers reference
+runs when it can (always for tiny; for the large sizes only with CUDA torch).
 Timings: 'jax' (forward) and 'jax_fwd_bwd' hold the median and min of synchronised calls, 'pipelined_s' (calls
 queued back to back) and 'looped' (the call repeated inside one jitted fori_loop: no dispatch at all; forward
 + backward only for one block, whose gradients fit twice). Fusion switches (--no-fuse) and --matmul-dtype fp8
@@ -56,12 +57,33 @@ def fusion_overrides(args) -> dict:
 
 
 def _config(size, args, num_layers, **overrides):
-  on_gpu = jax.devices()[0].platform == "gpu"
-  dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+  on_accel = jax.devices()[0].platform in ("gpu", "tpu")
+  dtype = args.dtype or ("bfloat16" if on_accel else "float32")
   base = "tiny-i2v" if size == "tiny" else "i2v-14b"
   remat = getattr(args, "remat", None) or ("full" if num_layers > 1 else "none")
-  return wan_config(base, num_layers=num_layers, dtype=dtype, param_dtype=dtype,
-                    attention="cudnn" if on_gpu else "xla", remat=remat, **{**fusion_overrides(args), **overrides})
+  # --attention; by default the accelerator's flash kernel ('auto': cudnn on GPU, splash on TPU), xla on CPU
+  attention = getattr(args, "attention", None) or ("auto" if on_accel else "xla")
+  return wan_config(base, num_layers=num_layers, dtype=dtype, param_dtype=dtype, attention=attention, remat=remat,
+                    **{**fusion_overrides(args), **overrides})
+
+
+def _splash_check(cfg, tokens: int) -> dict:
+  """Splash at the block's self-attention shape in the compute dtype against 'chunked' in float32: relative
+  errors of the output and of the q, k, v gradients (the first numerics check on a TPU)."""
+  from eva_jax.models.wan.attention import attention
+  keys = jax.random.split(jax.random.key(1), 4)
+  q, k, v, g = (jax.random.normal(kk, (1, tokens, cfg.num_heads, cfg.head_dim), jnp.float32) for kk in keys)
+
+  def out_and_grads(backend, dtype):
+    def f(q, k, v, g):
+      out, vjp = jax.vjp(lambda *x: attention(*x, backend=backend).astype(jnp.float32),
+                         *(x.astype(dtype) for x in (q, k, v)))
+      return (out, *vjp(g))
+    return [np.asarray(x, np.float32) for x in jax.jit(f)(q, k, v, g)]
+  got = out_and_grads(cfg.attention, cfg.compute_dtype)
+  ref = out_and_grads("chunked", jnp.float32)
+  err = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  return dict(zip(("out_rel_err", "dq_rel_err", "dk_rel_err", "dv_rel_err"), map(err, got, ref)))
 
 
 def _torch_reference(size, args, full):
@@ -100,11 +122,15 @@ def run(size: str, args) -> dict:
   dt = cfg.compute_dtype
   key = jax.random.key(0)
   k1, k2, k3, k4 = jax.random.split(key, 4)
-  result = dict(what=what, tokens=tokens, latent=grid_lat, dtype=cfg.dtype, attention=cfg.attention,
+  from eva_jax.models.wan.attention import current_platform, resolve_backend
+  result = dict(what=what, tokens=tokens, latent=grid_lat, dtype=cfg.dtype,
+                attention=resolve_backend(cfg.attention, current_platform()),
                 layers=cfg.num_layers, remat=cfg.remat, init_s=init_s,
                 cudnn_kv_multiple=cfg.cudnn_kv_multiple or wan_attention.CUDNN_KV_MULTIPLE,
                 fuse_qkv=cfg.fuse_qkv, fused_rope=cfg.fused_rope, matmul_dtype=cfg.matmul_dtype)
 
+  if result["attention"].startswith("splash"):
+    result["splash_check"] = _splash_check(cfg, tokens)
   if full:
     x = jax.random.normal(k1, (1, f, h, w, 16), jnp.float32)
     t = jnp.array([700.0])

@@ -9,6 +9,10 @@ Backends:
             lengths (e.g. 257 CLIP tokens). Lengths that need no padding run without a mask (the fastest kernel).
   'chunked' online-softmax attention over query and key blocks with lax.scan: memory O(chunk^2) instead of
             O(Lq * Lk), so long sequences run on CPU. Equal to 'xla' to float32 rounding.
+  'splash'  Pallas splash attention (TPU flash attention, forward and fused backward; splash.py).
+            'splash:BQ,BKV,BKVC' sets its query / key / key-compute block sizes.
+  'auto'    cudnn on GPU, splash on TPU, chunked on CPU (resolve_backend), from the platform of the devices of the
+            mesh in context (jax.set_mesh), else of jax.devices().
 
 A context-parallel (Ulysses) wrapper can be put around `attention` without touching the model.
 """
@@ -27,18 +31,90 @@ _MASKED = -1e30  # finite "minus infinity" for the running max: avoids inf - inf
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "xla",
-              kv_seq_lengths: jax.Array | None = None, chunk_size: int = 1024,
+              kv_seq_lengths: jax.Array | int | None = None, chunk_size: int = 1024,
               scale: float | None = None, kv_multiple: int | None = None) -> jax.Array:
   """softmax(q k^T * scale) v over the first kv_seq_lengths[b] keys. q [B, Lq, N, d], k/v [B, Lk, N, d].
 
-  kv_multiple: cuDNN only, the key-length multiple that runs unpadded (None or 0: CUDNN_KV_MULTIPLE)."""
+  kv_seq_lengths: [B] int32, or one python int for every example (static: splash then masks without a
+  per-example kernel); None = all keys.
+  kv_multiple: cuDNN only, the key-length multiple that runs unpadded (None or 0: CUDNN_KV_MULTIPLE).
+  """
+  backend = resolve_backend(backend, current_platform())
+  if backend.startswith("splash"):
+    from eva_jax.models.wan.splash import splash_attention  # Pallas TPU imports only where splash runs
+    return splash_attention(q, k, v, kv_seq_lengths, scale, blocks=parse_backend(backend)[1])
+  if isinstance(kv_seq_lengths, int):
+    kv_seq_lengths = jnp.full((q.shape[0],), kv_seq_lengths, jnp.int32)
   if backend == "xla":
     return _xla_attention(q, k, v, kv_seq_lengths, scale)
   if backend == "cudnn":
     return cudnn_attention(q, k, v, kv_seq_lengths, scale, kv_multiple=kv_multiple or None)
   if backend == "chunked":
+    if max(q.shape[1], k.shape[1]) <= chunk_size:  # one block: the same O(chunk^2) memory, the plain kernel
+      return _xla_attention(q, k, v, kv_seq_lengths, scale)
     return chunked_attention(q, k, v, kv_seq_lengths, chunk_size=chunk_size, scale=scale)
-  raise ValueError(f"attention backend must be 'xla', 'cudnn' or 'chunked', got {backend!r}")
+  raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# MARK: backend choice
+
+BACKENDS = ("auto", "xla", "cudnn", "chunked", "splash")
+# Where a platform cannot run a backend (config.model.attention names the choice in every config).
+_UNSUPPORTED = {"cudnn": ("cpu", "tpu"), "splash": ("gpu",)}
+# Set by tools that trace for another platform than the devices they hold (scripts/plan_memory.py lowers
+# TPU programs on CPU devices); None = the platform of the mesh in context, else of jax.devices().
+TARGET_PLATFORM: str | None = None
+
+
+def parse_backend(spec: str) -> tuple[str, tuple[int, ...] | None]:
+  """'splash:2048,2048,512' -> ('splash', (2048, 2048, 512)); other names -> (name, None). Raises on a bad spec."""
+  name, _, rest = spec.partition(":")
+  if name not in BACKENDS:
+    raise ValueError(f"config.model.attention must be one of {BACKENDS} (or 'splash:BQ,BKV,BKVC'), got {spec!r}")
+  if not rest:
+    return name, None
+  try:
+    blocks = tuple(int(x) for x in rest.split(","))
+  except ValueError:
+    blocks = ()
+  if name != "splash" or len(blocks) != 3:
+    raise ValueError(f"config.model.attention={spec!r}: only 'splash' takes block sizes, as "
+                     "'splash:BQ,BKV,BKVC' (query, key and key-compute blocks, e.g. 'splash:2048,2048,512')")
+  return name, blocks
+
+
+def canonical_platform(platform: str) -> str:
+  """jax platform names to 'gpu' | 'tpu' | 'cpu' ('cuda' and 'rocm' are GPUs)."""
+  platform = platform.lower()
+  return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def resolve_backend(backend: str, platform: str) -> str:
+  """The backend that runs `backend` ('auto' or an explicit choice) on `platform` ('gpu', 'cuda', 'tpu', 'cpu').
+
+  auto: cudnn on GPU, splash on TPU, chunked elsewhere. An explicit choice is kept; one the platform cannot run
+  (cudnn off GPU, splash on GPU) is a ValueError that names config.model.attention.
+  """
+  name, _ = parse_backend(backend)
+  platform = canonical_platform(platform)
+  if name == "auto":
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "chunked")
+  if platform in _UNSUPPORTED.get(name, ()):
+    fits = resolve_backend("auto", platform)
+    raise ValueError(f"config.model.attention={backend!r} cannot run on {platform.upper()}: cudnn runs on GPUs, "
+                     f"splash on TPUs (and on CPU only under Pallas interpret mode). Use 'auto' (here: "
+                     f"{fits!r}), 'xla' or 'chunked'.")
+  return backend
+
+
+def current_platform() -> str:
+  """The platform attention is traced for: TARGET_PLATFORM, else that of the mesh in context, else jax.devices()."""
+  if TARGET_PLATFORM:
+    return canonical_platform(TARGET_PLATFORM)
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = getattr(device, "platform", None)
+  return canonical_platform(platform or jax.devices()[0].platform)
 
 
 def _xla_attention(q, k, v, kv_seq_lengths, scale):

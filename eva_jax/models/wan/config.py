@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ATTENTION_BACKENDS = ("xla", "cudnn", "chunked")
+from eva_jax.models.wan.attention import BACKENDS as ATTENTION_BACKENDS, parse_backend
 REMAT_POLICIES = ("none", "full", "dots", "offload")
 MATMUL_DTYPES = ("default", "fp8")
 
@@ -40,7 +40,8 @@ class WanConfig:
   # execution
   dtype: str = "float32"            # matmul / activation compute dtype ('bfloat16' on accelerators)
   param_dtype: str = "float32"
-  attention: str = "xla"            # one of ATTENTION_BACKENDS
+  attention: str = "auto"           # one of ATTENTION_BACKENDS ('auto': cudnn on GPU, splash on TPU, chunked on
+                                    # CPU, at trace time), or 'splash:BQ,BKV,BKVC' with splash block sizes
   attn_chunk_size: int = 1024       # query and key block of the 'chunked' backend
   remat: str = "none"               # one of REMAT_POLICIES
   scan_layers: bool = True          # stacked blocks applied with nnx.scan (else a python loop)
@@ -64,8 +65,13 @@ class WanConfig:
       raise ValueError(f"WanConfig.model_type must be 't2v' or 'i2v', got {self.model_type!r}")
     if self.dim % self.num_heads:
       raise ValueError(f"WanConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
-    if self.attention not in ATTENTION_BACKENDS:
-      raise ValueError(f"WanConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+    try:
+      name, blocks = parse_backend(self.attention)
+      if blocks is not None:
+        from eva_jax.models.wan.splash import fit_blocks
+        fit_blocks(1, 1, blocks)  # the kernel's block rules, checked before anything is traced
+    except ValueError as e:
+      raise ValueError(f"WanConfig.attention: {e}") from None
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"WanConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.matmul_dtype not in MATMUL_DTYPES:

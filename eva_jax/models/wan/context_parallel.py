@@ -52,23 +52,27 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh, backend
     raise ValueError(f"batch {b} does not divide over the batch mesh axes {batch_spec} ({batch_shards} shards)")
 
   pad = (-l) % c
-  lengths = jnp.full((b,), l, jnp.int32) if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
+  # Without caller lengths, the valid key count is the static l (every example alike: splash then needs no
+  # per-example mask); with them, a [B] array sharded like the batch.
+  lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
 
   spec = P(batch_spec, "context", "tensor" if t > 1 else None, None)
 
-  def local(q, k, v, lengths):
+  def local(q, k, v, *lengths):
     # [b, L/c, n, d] -> [b, L, n/c, d]: gather the sequence, scatter the heads.
     to_heads = functools.partial(jax.lax.all_to_all, axis_name="context", split_axis=2, concat_axis=1, tiled=True)
     qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
-    out = attention(qh, kh, vh, backend=backend, kv_seq_lengths=lengths, chunk_size=chunk_size, scale=scale,
+    valid = lengths[0] if lengths else (l if pad else None)
+    out = attention(qh, kh, vh, backend=backend, kv_seq_lengths=valid, chunk_size=chunk_size, scale=scale,
                     kv_multiple=kv_multiple)
     return jax.lax.all_to_all(out, axis_name="context", split_axis=1, concat_axis=2, tiled=True)
 
-  out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch_spec)), out_specs=spec,
-                      check_vma=False)(q, k, v, lengths)
+  extra, extra_specs = ((lengths,), (P(batch_spec),)) if lengths is not None else ((), ())
+  out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec) + extra_specs, out_specs=spec,
+                      check_vma=False)(q, k, v, *extra)
   return out[:, :l] if pad else out
 
 
