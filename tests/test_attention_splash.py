@@ -16,7 +16,7 @@ from eva_jax import parallel
 from eva_jax.models.wan import WanModel, wan_config
 from eva_jax.models.wan import attention as attn, splash
 from eva_jax.models.wan.splash import fit_blocks, padded_fraction, splash_attention
-from eva_jax.parallel.context import ulysses_attention
+from eva_jax.models.wan.context_parallel import ulysses_attention
 from tests.utils import rel_err
 
 BLOCKS = (128, 128, 128)
