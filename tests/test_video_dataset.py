@@ -62,7 +62,7 @@ def _tree(tmp_path, n=6, with_missing_embed=False):
     frames = np.broadcast_to((t * 10 + i * 3) % 256, (20, 24, 32, 3)).astype(np.uint8)
     write_video(tmp_path / f"v{i}.mp4", frames, fps=30)
     np.save(tmp_path / "emb" / f"p{i}.npy", np.full((3 + i, 8), i, np.float32))
-    np.save(tmp_path / "emb" / f"l{i}.npy", np.full((2, 3, 4, 16), i, np.float32))
+    np.save(tmp_path / "emb" / f"l{i}.npy", np.full((2, 2, 2, 16), i, np.float32))  # 5 frames at 16x16
     rec = dict(row=i, video_path=f"v{i}.mp4", caption=f"c{i}", height=24, width=32, fps=30.0, n_frames=20,
                prompt_embed_path=f"emb/p{i}.npy", video_latent_path=f"emb/l{i}.npy")
     recs.append(rec)
@@ -86,7 +86,11 @@ def test_example_loader_video_and_embeddings(tmp_path):
   np.testing.assert_array_equal(ex["prompt_embeds"][4:], 0.0)  # zero padding, as the original
   # cached latents skip decoding
   lat = vd.ExampleLoader(tmp_path, dict(CFG, load_video_latent=True))(recs[0], np.random.default_rng(0))
-  assert "video" not in lat and lat["latents"].shape == (2, 3, 4, 16)
+  assert "video" not in lat and lat["latents"].shape == (2, 2, 2, 16)
+  # latents cached at another size: the expected size is named
+  with pytest.raises(ValueError, match=r"expected \[2, 3, 4, 16\].*24x32"):
+    vd.ExampleLoader(tmp_path, dict(CFG, height=24, width=32, load_video_latent=True))(recs[0],
+                                                                                   np.random.default_rng(0))
   # validation: no augmentation, deterministic
   val = vd.ExampleLoader(tmp_path, dict(CFG, trim_mode="speedup"), train=False)
   np.testing.assert_array_equal(val(recs[0], np.random.default_rng(0))["video"],
