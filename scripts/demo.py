@@ -7,8 +7,9 @@
 Stages and sizes: configs/demo.py; the work is done by eva_jax.demo.run_demo.
 """
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import config_flag, run  # noqa: E402
 from absl import flags
 
 from eva_jax.demo import run_demo
@@ -25,5 +26,9 @@ def main(argv):
   print(f"demo: report in {summary['workdir']}/summary.md")
 
 
+def cli(argv=None):
+  run(main, argv)
+
+
 if __name__ == "__main__":
-  run(main)
+  cli()
