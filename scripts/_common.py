@@ -46,7 +46,11 @@ def resolve_config_path(spec: str) -> str:
   path, sep, arg = spec.partition(":")
   p = pathlib.Path(path).expanduser()
   if not p.is_absolute():
-    p = p.resolve() if p.exists() or not (ROOT / path).exists() else ROOT / path
+    if not p.exists() and not (ROOT / path).exists():
+      _usage_error(f"config file {path} not found in {pathlib.Path.cwd()} or in {ROOT}")
+    p = p.resolve() if p.exists() else ROOT / path
+  elif not p.exists():
+    _usage_error(f"config file {p} not found")
   return str(p) + sep + arg
 
 
@@ -75,6 +79,15 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
   return out
 
 
+def _without_traceback(msg: str) -> str:
+  """ml_collections puts the config script's whole traceback into its message: keep the last line."""
+  head, sep, tail = msg.partition("Traceback (most recent call last)")
+  if sep:
+    last = [line for line in tail.splitlines() if line.strip()][-1:]
+    msg = head.rstrip(": \n\t") + ": " + " ".join(last)
+  return " ".join(msg.split())
+
+
 def _usage_error(msg: str) -> None:
   sys.stderr.write(f"error: {msg}\n")
   sys.exit(2)
@@ -91,13 +104,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    _usage_error(f"{' '.join(str(e).split())} (run with --help to list the flags)")
+    _usage_error(f"{_without_traceback(str(e))} (run with --help to list the flags)")
   except (AttributeError, KeyError, TypeError, ValueError, OSError, ImportError) as e:
     msg = " ".join(str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").split())
     overrides = [a for a in argv[1:] if any(a.startswith(f"--{n}.") for n in _CONFIG_FLAGS)]
     files = [a for a in argv[1:] if any(a.startswith(f"--{n}=") for n in _CONFIG_FLAGS)]
     what = f"config override {' '.join(overrides)}" if overrides else f"config {' '.join(files)}".strip()
     _usage_error(f"bad {what}: {msg} (config keys are fixed by the config file; run with --help to list them)")
+  for name in _CONFIG_FLAGS:  # ml_collections defers a config file's load error to the first `.value`
+    try:
+      value = flags.FLAGS[name].value
+      if type(value).__name__ == "_ErrorConfig":  # what ml_collections holds for a file that did not load
+        raise object.__getattribute__(value, "_error")
+    except Exception as e:  # the config script's own error: a missing file, a bad variant, a typo in it
+      spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{name}=")), flags.FLAGS[name].default)
+      _usage_error(f"bad --{name}={spec}: {' '.join(str(e).split())}")
   if len(rest) > 1:
     _usage_error(f"unexpected positional argument(s) {rest[1:]}: every input is a --flag "
                  "(run with --help to list them)")

@@ -249,4 +249,5 @@ def guarded(main: Callable[[], object], prog: str = "eva_jax") -> int:
     return 1
   finally:
     set_log_dir(None)
+    _S.active = False  # the entry point is done: later library calls in this process log nowhere new
   return result if isinstance(result, int) else 0
