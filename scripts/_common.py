@@ -35,6 +35,7 @@ from ml_collections import config_flags  # noqa: E402
 from eva_jax.utils import logs  # noqa: E402
 
 _CONFIG_FLAGS: list[str] = []  # names of the config-file flags defined through config_flag()
+_CONFIG_DEFAULTS: dict[str, str] = {}  # their default `path[:arg]`
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -61,7 +62,12 @@ def config_flag(default: str | None, name: str = "config", help_string: str = "m
     default = str(ROOT / path) + (f":{arg}" if arg else "")
   if name not in _CONFIG_FLAGS:
     _CONFIG_FLAGS.append(name)
+  _CONFIG_DEFAULTS[name] = default or ""
   return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+
+
+def _defined_config_flags() -> list[str]:
+  return [n for n in _CONFIG_FLAGS if n in flags.FLAGS]
 
 
 def _resolve_config_args(argv: list[str]) -> list[str]:
@@ -99,6 +105,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   Usage errors (a bad override, an unknown flag, a positional argument) exit with status 2 and one line.
   """
   argv = _resolve_config_args(list(argv))
+  for name in _defined_config_flags():
+    given = any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv[1:])
+    default = _CONFIG_DEFAULTS.get(name)
+    if not given and default and any(a.startswith(f"--{name}.") for a in argv[1:]):
+      # Overrides of the default config: ml_collections applies those it saw in sys.argv when the flag was
+      # defined (at import), which misses a cli(argv) call; naming the file makes it parse them now.
+      argv.insert(1, f"--{name}={default}")
   # ml_collections reads the --config.* overrides from sys.argv, not from the argv it is given.
   sys.argv = argv
   try:
@@ -111,7 +124,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     files = [a for a in argv[1:] if any(a.startswith(f"--{n}=") for n in _CONFIG_FLAGS)]
     what = f"config override {' '.join(overrides)}" if overrides else f"config {' '.join(files)}".strip()
     _usage_error(f"bad {what}: {msg} (config keys are fixed by the config file; run with --help to list them)")
-  for name in _CONFIG_FLAGS:  # ml_collections defers a config file's load error to the first `.value`
+  for name in _defined_config_flags():  # ml_collections defers a config file's load error to the first `.value`
     try:
       value = flags.FLAGS[name].value
       if type(value).__name__ == "_ErrorConfig":  # what ml_collections holds for a file that did not load
@@ -150,7 +163,7 @@ def help_text(full: bool = False) -> str:
       lines.append(f"  --{fl.name}: {fl.help} (default: {default})")
   lines.append("  --verbosity: 0 = quiet terminal (default), 1 = library INFO logging too, 2 = DEBUG; "
                f"or set {logs.ENV_VERBOSITY}")
-  for name in _CONFIG_FLAGS:
+  for name in _defined_config_flags():
     try:
       config = flags.FLAGS[name].value
     except Exception as e:  # a help page must print even when the config does not load

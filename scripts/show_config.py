@@ -1,6 +1,6 @@
 """Prints a resolved config (after the variant and --config.* overrides) as JSON, without running anything.
 
-  python scripts/show_config.py --config=configs/grpo.py:tiny --config.train.learning_rate=1e-4
+  python scripts/show_config.py --config=configs/grpo.py:tiny --config.optim.learning_rate=1e-4
 """
 
 import json

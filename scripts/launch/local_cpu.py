@@ -1,7 +1,7 @@
 """Runs an entry point as N local processes × M CPU devices: the multi-host path on one machine.
 
   python scripts/launch/local_cpu.py --processes 2 --devices 4 -- \
-      scripts/train_sft.py --config=configs/sft.py:tiny --config.train.steps=4
+      scripts/train_sft.py --config=configs/sft.py:tiny --config.train.num_steps=4
 
 Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, so the script's
 `jax.distributed.initialize()` (scripts/_common.py) forms one 2×4 = 8-device job; cross-process
