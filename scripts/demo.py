@@ -13,6 +13,7 @@ from scripts._common import config_flag, run  # noqa: E402
 from absl import flags
 
 from eva_jax.demo import run_demo
+from eva_jax.utils import logs
 from eva_jax.utils.rundir import make_run_dir
 
 _CONFIG = config_flag("configs/demo.py")
@@ -22,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (default: a new o
 def main(argv):
   del argv
   workdir = _WORKDIR.value or make_run_dir("outputs")
+  logs.set_log_dir(workdir)
   summary = run_demo(_CONFIG.value, workdir)
   print(f"demo: report in {summary['workdir']}/summary.md")
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -48,16 +49,29 @@ def launch(cmd: list[str], processes: int, devices: int, timeout: float | None =
   for t in pumps:
     t.start()
   code = 0
+  deadline = None if timeout is None else time.monotonic() + timeout
   try:
-    for p in procs:
-      rc = p.wait(timeout=timeout)
-      if rc != 0 and code == 0:
-        code = rc
-        for other in procs:
-          if other.poll() is None:
-            other.terminate()
-  except subprocess.TimeoutExpired:
-    code = 124
+    # Poll them all: the first to fail stops the others at once (a peer blocked in a collective waiting
+    # for the failed one would otherwise hang until the timeout).
+    while code == 0 and any(p.poll() is None for p in procs):
+      failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+      if failed:
+        code = failed[0]
+        break
+      if deadline is not None and time.monotonic() > deadline:
+        code = 124
+        break
+      time.sleep(0.2)
+    if code == 0:
+      code = next((p.returncode for p in procs if p.returncode), 0)
+    for other in procs:
+      if other.poll() is None:
+        other.terminate()
+    for other in procs:
+      try:
+        other.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        pass
   finally:
     for p in procs:
       if p.poll() is None:
