@@ -160,3 +160,15 @@ def test_checker_catches_a_bad_override(parse_only, monkeypatch):
     check(_words("python scripts/train_sft.py --config=configs/sft.py:tiny --config.train.stepz=4"), monkeypatch)
   with pytest.raises(AssertionError, match="does not parse"):
     check(_words("python -m convert --kind dit --src x"), monkeypatch)
+
+
+def test_relative_config_from_another_directory(parse_only, monkeypatch, tmp_path):
+  from absl import flags
+  monkeypatch.chdir(tmp_path)  # not the checkout: configs/idm.py resolves against the package
+  check(_words("python scripts/train_idm.py --config=configs/idm.py:tiny --config.train.num_steps=3"), monkeypatch)
+  assert flags.FLAGS.config.train.num_steps == 3 and flags.FLAGS.config.model.preset == "tiny"
+  (tmp_path / "configs").mkdir()  # a file of that name in the working directory wins
+  (tmp_path / "configs" / "idm.py").write_text(
+      "import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'mine': arg})\n")
+  check(_words("python scripts/train_idm.py --config=configs/idm.py:x"), monkeypatch)
+  assert flags.FLAGS.config.to_dict() == {"mine": "x"}
