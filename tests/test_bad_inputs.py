@@ -368,3 +368,15 @@ def test_infer_missing_image_csv(tmp_path, capsys):
 def test_command_line_errors_are_one_line(capsys, argv, code, expected):
   got, err = run_cli("scripts.train_idm", argv, capsys)
   assert got == code and expected in err.strip().splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
+  from eva_jax.utils.files import atomic_path
+  from eva_jax.utils.rundir import save_config
+  save_config(tmp_path, {"a": 1})
+  before = (tmp_path / "config.json").read_bytes()
+  with pytest.raises(RuntimeError):
+    with atomic_path(tmp_path / "config.json") as tmp:
+      tmp.write_text('{"a": ')
+      raise RuntimeError("killed midway")
+  assert (tmp_path / "config.json").read_bytes() == before and os.listdir(tmp_path) == ["config.json"]

@@ -42,6 +42,8 @@ def _jsonable(x: Any):
 
 def save_config(run_dir: str | pathlib.Path, config) -> pathlib.Path:
   """Writes the resolved config as `config.json` (ConfigDict, dataclass-like or dict)."""
+  from eva_jax.utils.files import atomic_path
   path = pathlib.Path(run_dir) / "config.json"
-  path.write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
+  with atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
   return path
