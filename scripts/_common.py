@@ -36,6 +36,7 @@ from eva_jax.utils import logs  # noqa: E402
 
 _CONFIG_FLAGS: list[str] = []  # names of the config-file flags defined through config_flag()
 _CONFIG_DEFAULTS: dict[str, str] = {}  # their default `path[:arg]`
+_DOC: list[str | None] = [None]  # the --help page's text: the entry point's module docstring
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -145,8 +146,7 @@ def _is_ours(module: str) -> bool:
 
 def help_text(full: bool = False) -> str:
   """The main module's docstring, its flags, and every field of the parsed config."""
-  main = sys.modules.get("__main__")
-  doc = (getattr(main, "__doc__", None) or "").strip()
+  doc = (_DOC[0] or getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
   lines = [f"usage: {pathlib.Path(sys.argv[0]).name} [--flag=value ...]", ""]
   if doc:
     lines += [doc, ""]
@@ -166,6 +166,8 @@ def help_text(full: bool = False) -> str:
   for name in _defined_config_flags():
     try:
       config = flags.FLAGS[name].value
+      if type(config).__name__ == "_ErrorConfig":
+        raise object.__getattribute__(config, "_error")
     except Exception as e:  # a help page must print even when the config does not load
       lines += ["", f"(--{name} did not load: {' '.join(str(e).split())})"]
       continue
@@ -194,7 +196,8 @@ def _parse(argv):
     rest = [a for a in argv if a not in wants_help]
     try:
       flags.FLAGS(_resolve_config_args(rest), known_only=True)
-    except Exception:  # a help page must print even when the other flags do not parse
+    except (Exception, SystemExit):  # a help page must print even when the other flags do not parse
+      sys.stderr.flush()
       flags.FLAGS.mark_as_parsed()
     sys.stdout.write(help_text(full=any("full" in a or "xml" in a for a in wants_help)))
     sys.exit(0)
@@ -204,9 +207,12 @@ def _parse(argv):
   return rest
 
 
-def run(main, argv: list[str] | None = None) -> None:
-  """absl app.run with the rules above and `jax.distributed.initialize()` on multi-host launches."""
+def run(main, argv: list[str] | None = None, doc: str | None = None) -> None:
+  """absl app.run with the rules above and `jax.distributed.initialize()` on multi-host launches.
+
+  `doc` (default: the docstring of main's module) heads the --help page."""
   prog = pathlib.Path((argv or sys.argv)[0]).name
+  _DOC[0] = doc if doc is not None else getattr(sys.modules.get(main.__module__), "__doc__", None)
 
   def wrapped(args):
     def body():
@@ -222,6 +228,7 @@ def trainer_cli(config_default: str, module: str, name: str, check=None):
   (default a fresh outputs/<date>/<time>/; an existing one resumes), then
   eva_jax.training.<module>.train_and_evaluate. `check(config)` may reject a config before anything is
   built (raise SystemExit with the message)."""
+  doc = sys._getframe(1).f_globals.get("__doc__")  # pylint: disable=protected-access  (the script's)
   config = config_flag(config_default)
   workdir = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
 
@@ -240,7 +247,7 @@ def trainer_cli(config_default: str, module: str, name: str, check=None):
                                         if "/" not in k and isinstance(v, (int, float))), flush=True)
 
   def cli(argv: list[str] | None = None) -> None:
-    run(main, argv)
+    run(main, argv, doc)
   return cli
 
 

@@ -62,6 +62,7 @@ def test_help_lists_config_fields(monkeypatch, capsys):
   with pytest.raises(SystemExit):
     target()
   out = capsys.readouterr().out
+  assert "Trains EVA's inverse dynamics model" in out  # the script's docstring, not the console wrapper's
   assert "--workdir" in out and "--verbosity" in out and "--config.data.root=''" in out and "--config.train.num_steps=40" in out
 
 
