@@ -223,6 +223,7 @@ def report(exc: BaseException, prog: str = "eva_jax") -> pathlib.Path:
   text = "".join(traceback.format_exception(exc))
   path = log_file()
   if path is not None:
+    _S.file_handler.flush()
     with open(path, "a", encoding="utf-8") as f:
       f.write(f"\n{datetime.datetime.now().isoformat()} error in {prog}:\n{text}")
   else:
