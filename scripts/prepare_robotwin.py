@@ -94,10 +94,7 @@ def build_records(root: str | Path, *, tasks: Sequence[str] = (), camera: str = 
     base = root / task / task_config
     mp4 = base / "video" / f"episode{i}.mp4"
     if overwrite_videos or not mp4.is_file():
-      try:
-        frames, _ = read_episode(h5, camera=camera)
-      except Exception as e:
-        raise ValueError(f"{h5}: cannot read camera {camera!r} frames: {e}") from e
+      frames, _ = read_episode(h5, camera=camera)  # its errors name the file, dataset and frame
       write_video(mp4, frames, fps=fps or ROBOTWIN_RECORD_HZ)
       extracted += 1
     info = video_info(mp4)
