@@ -296,6 +296,9 @@ CONVERT_CASES = {
     "missing_src": (lambda d: d / "nope.pth", "checkpoint {src} does not exist"),
     "corrupt_safetensors": (lambda d: _write(d / "w.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{{{{{{{{"),
                             "{src} is not a readable safetensors file"),
+    "corrupt_pth": (lambda d: _write(d / "w.pth", b"PK\x03\x04 truncated zip"), "{src} is not a readable PyTorch checkpoint"),
+    "bad_index_json": (lambda d: _write(d / "m.safetensors.index.json", b'{"weight_map": '),
+                       "{src} is not a safetensors index json"),
     "unknown_format": (lambda d: _write(d / "w.txt", b"x"), "{src}: unknown checkpoint format"),
     "empty_dir": (lambda d: (d / "empty").mkdir() or d / "empty", "{src}: expected *.safetensors"),
 }
