@@ -110,19 +110,67 @@ def stream_to_orbax(items: Iterable[tuple[tuple, np.ndarray]], out: str, *, batc
   return stats
 
 
+def _staging_dir(out: str) -> str:
+  """A fresh folder `<name>.incomplete-<pid>/` next to `out` (same filesystem, so the final rename is
+  atomic) that holds the checkpoint being written and orbax's own `.partial_save` folders; stale ones of
+  killed runs (their process gone) are removed."""
+  parent, name = os.path.split(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  prefix = f"{name}.incomplete-"
+  for entry in os.listdir(parent):
+    if entry.startswith(prefix) and entry[len(prefix):].isdigit() and not _alive(int(entry[len(prefix):])):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  staging = os.path.join(parent, f"{prefix}{os.getpid()}")
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  return staging
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True
+  return True
+
+
+def _publish(tmp: str, out: str) -> None:
+  """Moves the finished `tmp` to `out`; an existing `out` is replaced only now, after success."""
+  if not os.path.exists(out):
+    os.rename(tmp, out)
+    return
+  old = f"{tmp}.previous"  # inside the staging folder
+  os.rename(out, old)
+  try:
+    os.rename(tmp, out)
+  except BaseException:
+    os.rename(old, out)  # put the previous output back
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
 def convert(kind: str, src: str, out: str, *, config: str | None = None, overrides: dict | None = None,
             dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-  """Library entry point of the CLI; returns a summary dict (also written to <out>/eva_convert.json)."""
+  """Library entry point of the CLI; returns a summary dict (also written to <out>/eva_convert.json).
+
+  The checkpoint is written to a staging folder next to `out` and renamed to `out` when complete: a run
+  that fails or is killed leaves no partial `out`, and `overwrite` replaces an existing one only then.
+  """
   import jax.numpy as jnp
   from convert.io import open_state_dict
   if kind not in KINDS:
     raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
-  if os.path.exists(out):
-    if not overwrite:
-      raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    shutil.rmtree(out)
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f"--out {out} exists and is not a directory; remove it first")
   cfg = build_config(kind, config, overrides or {})
-  np_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
+  try:
+    np_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
+  except TypeError:
+    raise ValueError(f"--dtype {dtype!r} is not a dtype (float32, bfloat16, float16)") from None
   sd = open_state_dict(src)
   t0 = time.time()
   if kind == "dit":
@@ -134,18 +182,29 @@ def convert(kind: str, src: str, out: str, *, config: str | None = None, overrid
     layout = None
     tree = getattr(importlib.import_module(mod), fn)(sd, cfg)
     items = ((p, _cast(np.asarray(v), np_dtype)) for p, v in _flatten(tree))
-  stats = stream_to_orbax(items, out, progress=progress)
-  from eva_jax.utils.timing import peak_rss_mb
-  stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
-  cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-  summary = dict(kind=kind, source=os.path.abspath(src), layout=layout, config_name=config or KINDS[kind][4],
-                 config=cfg_dict, dtype=dtype, seconds=round(time.time() - t0, 2), **stats)
-  with open(os.path.join(out, METADATA_FILE), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  staging = _staging_dir(out)
+  # Not a dot-name: orbax's partial saves do not finalize into a hidden folder.
+  tmp = os.path.join(staging, os.path.basename(os.path.abspath(out)))
+  try:
+    stats = stream_to_orbax(items, tmp, progress=progress)
+    from eva_jax.utils.timing import peak_rss_mb
+    stats["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    summary = dict(kind=kind, source=os.path.abspath(src), layout=layout, config_name=config or KINDS[kind][4],
+                   config=cfg_dict, dtype=dtype, seconds=round(time.time() - t0, 2), **stats)
+    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+      json.dump(summary, f, indent=2, default=str)
+    _publish(tmp, out)
+  except BaseException:
+    if progress:
+      print(file=sys.stderr)  # end the progress line
+    raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return summary
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
   p.add_argument("--kind", required=True, choices=sorted(KINDS))
   p.add_argument("--src", required=True, help="checkpoint file or directory (safetensors, .pth, .ckpt)")
@@ -154,8 +213,15 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="config override, e.g. --set num_layers=2 (repeatable)")
   p.add_argument("--dtype", default=None, help="stored dtype, e.g. bfloat16 or float32 (default: config's)")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+  p.add_argument("--quiet", action="store_true", help="no progress line")
+  p.add_argument("--verbosity", type=int, default=None,
+                 help="0 = quiet terminal (default), 1 = library INFO logging too, 2 = DEBUG; or EVA_JAX_VERBOSITY")
+  return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
+  p = build_parser()
   args = p.parse_args(argv)
   overrides = {}
   for item in args.set:
@@ -163,7 +229,23 @@ def main(argv=None) -> int:
       p.error(f"--set expects FIELD=VALUE, got {item!r}")
     k, v = item.split("=", 1)
     overrides[k] = _parse_value(v)
-  summary = convert(args.kind, args.src, args.out, config=args.config, overrides=overrides, dtype=args.dtype,
-                    overwrite=args.overwrite, progress=not args.quiet)
-  print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
-  return 0
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  from eva_jax.utils import logs
+  args, overrides = parse_args(argv)
+  logs.setup(args.verbosity)
+
+  def run():
+    summary = convert(args.kind, args.src, args.out, config=args.config, overrides=overrides, dtype=args.dtype,
+                      overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    print(f"convert: wrote {args.out}", file=sys.stderr)
+    return 0
+  return logs.guarded(run, "convert")
+
+
+def cli() -> None:
+  """The `eva-convert` console script."""
+  raise SystemExit(main())

@@ -17,6 +17,20 @@ import os
 from typing import Any, Iterator, Mapping
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+TORCH_EXTRA = "install the torch extra: pip install 'eva_jax[torch]' (the CPU build is enough)"
+
+
+def import_torch(what: str = "reading PyTorch weights"):
+  """`import torch`, or an ImportError that says how to get it: torch is an install extra, not a dependency."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f"{what} needs torch: {TORCH_EXTRA}") from None
+  return torch
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
 
 
@@ -30,12 +44,16 @@ class LazyStateDict(Mapping):
 
   def __getitem__(self, key: str):
     kind, handle = self._readers[key]
-    if kind == "safetensors":
-      # Open per access: safe_open memory-maps the file, and pages of a mapping kept open stay in RSS.
-      from safetensors import safe_open
-      with safe_open(handle, framework="pt") as f:
-        return f.get_tensor(key)
-    return handle[key]
+    try:
+      if kind == "safetensors":
+        # Open per access: safe_open memory-maps the file, and pages of a mapping kept open stay in RSS.
+        from safetensors import safe_open
+        with safe_open(handle, framework="pt") as f:
+          return f.get_tensor(key)
+      return handle[key]
+    except Exception as e:  # a truncated data region shows only when the tensor is read
+      where = handle if kind == "safetensors" else self.source
+      raise ValueError(f"{where}: cannot read tensor {key!r}: {_one_line(e)}") from e
 
   def shape_of(self, key: str) -> tuple[int, ...]:
     kind, handle = self._readers[key]
@@ -69,20 +87,37 @@ def unwrap_state_dict(obj: Any, path: str = "<checkpoint>") -> Mapping[str, Any]
 
 def _safetensors(files: list[str], source: str) -> LazyStateDict:
   from safetensors import safe_open
+  import_torch(f"reading {source} (safetensors opened as torch tensors)")
   readers, shapes = {}, {}
   for file in files:
-    with safe_open(file, framework="pt") as handle:
-      for key in handle.keys():
-        if key in readers:
-          raise ValueError(f"tensor {key!r} appears in two files ({file})")
-        readers[key] = ("safetensors", file)
-        shapes[key] = tuple(handle.get_slice(key).get_shape())
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"safetensors file {file} does not exist")
+    try:
+      with safe_open(file, framework="pt") as handle:
+        for key in handle.keys():
+          if key in readers:
+            raise ValueError(f"tensor {key!r} appears in two files ({file})")
+          readers[key] = ("safetensors", file)
+          shapes[key] = tuple(handle.get_slice(key).get_shape())
+    except (ValueError, ImportError):
+      raise
+    except Exception as e:  # SafetensorError: truncated header, not safetensors at all
+      raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
+  if not readers:
+    raise ValueError(f"{source}: holds no tensors")
   return LazyStateDict(readers, source, shapes)
 
 
 def _index_files(index_path: str) -> list[str]:
-  with open(index_path) as f:
-    weight_map = json.load(f)["weight_map"]
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+    if not isinstance(weight_map, dict):
+      raise TypeError(f"'weight_map' must be a mapping, found {type(weight_map).__name__}")
+  except FileNotFoundError:
+    raise FileNotFoundError(f"safetensors index {index_path} does not exist") from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{index_path} is not a safetensors index json with a 'weight_map': {_one_line(e)}") from e
   folder = os.path.dirname(index_path)
   files = sorted(set(weight_map.values()))
   missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
@@ -94,6 +129,8 @@ def _index_files(index_path: str) -> list[str]:
 def open_state_dict(src: str) -> LazyStateDict:
   """A file or directory of PyTorch weights as a LazyStateDict."""
   src = os.fspath(src)
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"checkpoint {src} does not exist")
   if os.path.isdir(src):
     indexes = sorted(glob.glob(os.path.join(src, "*.safetensors.index.json")))
     if len(indexes) > 1:
@@ -113,8 +150,11 @@ def open_state_dict(src: str) -> LazyStateDict:
   if src.endswith(".safetensors"):
     return _safetensors([src], src)
   if src.endswith(TORCH_SUFFIXES):
-    import torch
-    obj = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
+    torch = import_torch(f"reading {src}")
+    try:
+      obj = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated zip, not a pickle, a pickle of arbitrary objects
+      raise ValueError(f"{src} is not a readable PyTorch checkpoint: {_one_line(e)}") from e
     tensors = unwrap_state_dict(obj, src)
     return LazyStateDict({k: ("torch", tensors) for k in tensors}, src)
   raise ValueError(f"{src}: unknown checkpoint format (expected .safetensors, an index json, {TORCH_SUFFIXES})")

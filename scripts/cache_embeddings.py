@@ -5,8 +5,9 @@ metadata CSV and adds their paths to it. Usage and options: configs/cache_embedd
       --config.umt5.path=<models_t5_umt5-xxl-enc-bf16.pth> --config.umt5.tokenizer_path=<google/umt5-xxl>
 """
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import config_flag, run  # noqa: E402
 from absl import flags
 
 from eva_jax.data.embeddings import cache_embeddings
@@ -21,5 +22,9 @@ def main(argv):
   print("cache_embeddings: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
 
 
+def cli(argv=None):
+  run(main, argv)
+
+
 if __name__ == "__main__":
-  run(main)
+  cli()

@@ -7,11 +7,13 @@
 Stages and sizes: configs/demo.py; the work is done by eva_jax.demo.run_demo.
 """
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import config_flag, run  # noqa: E402
 from absl import flags
 
 from eva_jax.demo import run_demo
+from eva_jax.utils import logs
 from eva_jax.utils.rundir import make_run_dir
 
 _CONFIG = config_flag("configs/demo.py")
@@ -21,9 +23,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (default: a new o
 def main(argv):
   del argv
   workdir = _WORKDIR.value or make_run_dir("outputs")
+  logs.set_log_dir(workdir)
   summary = run_demo(_CONFIG.value, workdir)
   print(f"demo: report in {summary['workdir']}/summary.md")
 
 
+def cli(argv=None):
+  run(main, argv)
+
+
 if __name__ == "__main__":
-  run(main)
+  cli()

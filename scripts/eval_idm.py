@@ -20,8 +20,9 @@ Writes metrics.json, per_episode.jsonl and plots/*.png under --workdir (default 
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import config_flag, run  # noqa: E402
 from absl import flags
 
 _CONFIG = config_flag("configs/idm.py")
@@ -47,5 +48,9 @@ def main(argv):
       print(f"  {k:16s} {summary[k]:.6g}")
 
 
+def cli(argv=None):
+  run(main, argv)
+
+
 if __name__ == "__main__":
-  run(main)
+  cli()

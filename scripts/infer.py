@@ -7,9 +7,13 @@
 All logic lives in eva_jax.inference.run_inference; see docs/inference.md.
 """
 
-from absl import flags
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+import pathlib  # noqa: E402
 
-from _common import config_flag, run
+from absl import flags  # noqa: E402
+
+from scripts._common import config_flag, run  # noqa: E402
 
 _CONFIG = config_flag("configs/infer.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: outputs/<date>/<time>)")
@@ -18,8 +22,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: outp
 def main(argv):
   del argv
   from eva_jax.inference import run_inference
-  run_inference(_CONFIG.value, _WORKDIR.value)
+  from eva_jax.utils import logs
+  if _WORKDIR.value:
+    logs.set_log_dir(_WORKDIR.value)
+  videos = run_inference(_CONFIG.value, _WORKDIR.value)
+  if videos:
+    print(f"infer: {len(videos)} video(s) in {pathlib.Path(videos[0]).parent}")
+
+
+def cli(argv=None):
+  run(main, argv)
 
 
 if __name__ == "__main__":
-  run(main)
+  cli()

@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROBOTWIN_RECORD_HZ = 250.0 / 15.0  # sim timestep 1/250 s, one saved frame every 15 steps (spec F.1)
 _EPISODE = re.compile(r"episode(\d+)\.hdf5$")
@@ -93,10 +94,7 @@ def build_records(root: str | Path, *, tasks: Sequence[str] = (), camera: str = 
     base = root / task / task_config
     mp4 = base / "video" / f"episode{i}.mp4"
     if overwrite_videos or not mp4.is_file():
-      try:
-        frames, _ = read_episode(h5, camera=camera)
-      except Exception as e:
-        raise ValueError(f"{h5}: cannot read camera {camera!r} frames: {e}") from e
+      frames, _ = read_episode(h5, camera=camera)  # its errors name the file, dataset and frame
       write_video(mp4, frames, fps=fps or ROBOTWIN_RECORD_HZ)
       extracted += 1
     info = video_info(mp4)
@@ -136,8 +134,10 @@ def main(argv):
         f"{summary['captions_from_files']} captions from instruction files")
 
 
-if __name__ == "__main__":
-  from absl import app, flags
+def _define_flags() -> None:
+  from absl import flags
+  if "root" in flags.FLAGS:
+    return
   flags.DEFINE_string("root", None, "RoboTwin data root (<root>/<task>/<task_config>/data/episode*.hdf5)")
   flags.DEFINE_string("output_csv", "", "output CSV (default <root>/robotwin_videos.csv)")
   flags.DEFINE_string("tasks", "", "comma-separated task names to keep (default all)")
@@ -148,4 +148,13 @@ if __name__ == "__main__":
   flags.DEFINE_integer("instruction_index", 0, "which instruction of the list to use as the caption")
   flags.DEFINE_bool("overwrite_videos", False, "re-extract mp4s from the HDF5 even if they exist")
   flags.mark_flag_as_required("root")
-  app.run(main)
+
+
+def cli(argv=None):
+  from scripts._common import run
+  _define_flags()
+  run(main, argv)
+
+
+if __name__ == "__main__":
+  cli()

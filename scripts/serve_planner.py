@@ -8,8 +8,9 @@
 See docs/planner.md.
 """
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import config_flag, run  # noqa: E402
 
 _CONFIG = config_flag("configs/planner.py:tiny")
 
@@ -24,5 +25,9 @@ def main(argv):
   uvicorn.run(app, host=_CONFIG.value.server.host, port=int(_CONFIG.value.server.port), log_level="info")
 
 
+def cli(argv=None):
+  run(main, argv)
+
+
 if __name__ == "__main__":
-  run(main)
+  cli()

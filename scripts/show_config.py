@@ -1,12 +1,13 @@
 """Prints a resolved config (after the variant and --config.* overrides) as JSON, without running anything.
 
-  python scripts/show_config.py --config=configs/grpo.py:tiny --config.train.learning_rate=1e-4
+  python scripts/show_config.py --config=configs/grpo.py:tiny --config.optim.learning_rate=1e-4
 """
 
 import json
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import config_flag, run
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import config_flag, run  # noqa: E402
 
 from eva_jax.utils.rundir import _jsonable
 
@@ -18,5 +19,9 @@ def main(argv):
   print(json.dumps(_jsonable(_CONFIG.value), indent=2, sort_keys=True))
 
 
+def cli(argv=None):
+  run(main, argv)
+
+
 if __name__ == "__main__":
-  run(main)
+  cli()

@@ -11,8 +11,9 @@ checkpoints/, lora_adapter/ (PEFT safetensors), best_reward/, idm_plots/, videos
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import trainer_main
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import trainer_cli  # noqa: E402
 
 
 def _needs_reward(config):
@@ -21,5 +22,7 @@ def _needs_reward(config):
                      "GRPO has no reward without it")
 
 
+cli = trainer_cli("configs/grpo.py", "grpo", "grpo", check=_needs_reward)
+
 if __name__ == "__main__":
-  trainer_main("configs/grpo.py", "grpo", "grpo", check=_needs_reward)
+  cli()

@@ -12,8 +12,11 @@ tensorboard/, checkpoints/ (+ best/ by val_mae). Rerun with the same --workdir t
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import trainer_main
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import trainer_cli  # noqa: E402
+
+cli = trainer_cli("configs/idm.py", "idm", "train_idm")
 
 if __name__ == "__main__":
-  trainer_main("configs/idm.py", "idm", "train_idm")
+  cli()

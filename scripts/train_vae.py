@@ -12,8 +12,11 @@ GRPO read the run directory as --config.vae.checkpoint=<workdir>.
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import trainer_main
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+from scripts._common import trainer_cli  # noqa: E402
+
+cli = trainer_cli("configs/vae.py", "vae", "train_vae")
 
 if __name__ == "__main__":
-  trainer_main("configs/vae.py", "vae", "train_vae")
+  cli()

@@ -59,28 +59,55 @@ def save_array(path: str | os.PathLike, array, dtype: Any = np.float32) -> Path:
 _NPY_LOCK = threading.Lock()
 
 
+TORCH_EXTRA = "install the torch extra: pip install 'eva_jax[torch]'"
+
+
 def load_array(path: str | os.PathLike) -> np.ndarray:
-  """float32 array from .npy, .safetensors (its only / first tensor) or an original EVA `.pt` file."""
+  """float32 array from .npy, .safetensors (its only / first tensor) or an original EVA `.pt` file.
+
+  Every failure (missing, truncated, not the format its suffix says, not numeric, NaN / inf) raises
+  naming the file."""
   path = Path(path)
-  if not path.is_file():
+  if not path.exists():
     raise FileNotFoundError(f"cached embedding {path} does not exist")
+  if not path.is_file():
+    raise IsADirectoryError(f"cached embedding {path} is not a file")
+  if path.suffix not in (".npy", ".safetensors", ".pt", ".pth"):
+    raise ValueError(f"cached embedding {path}: unknown format {path.suffix!r} (.npy, .safetensors, .pt)")
+  try:
+    array = _read_array(path)
+  except (ImportError, FileNotFoundError):
+    raise
+  except Exception as e:  # numpy, safetensors and torch raise many types for a bad file
+    raise ValueError(f"cached embedding {path} is not a readable {path.suffix} array: "
+                     f"{' '.join(str(e).split()) or type(e).__name__}") from e
+  if not np.isfinite(array).all():
+    raise ValueError(f"cached embedding {path} holds {int((~np.isfinite(array)).sum())} NaN / inf value(s)")
+  return array
+
+
+def _read_array(path: Path) -> np.ndarray:
   if path.suffix == ".npy":
     with _NPY_LOCK:
       array = np.load(path)
+    if array.dtype.kind not in "fiub":
+      raise ValueError(f"dtype {array.dtype} is not numeric")
     return array.astype(np.float32)
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     tensors = load_file(str(path))
+    if not tensors:
+      raise ValueError("the file holds no tensors")
     return np.asarray(tensors[sorted(tensors)[0]], np.float32)
-  if path.suffix in (".pt", ".pth"):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ImportError(f"{path} is a PyTorch file (the original EVA cache); reading it needs torch "
-                        "(pip install torch, CPU build) or re-cache it with scripts/cache_embeddings.py") from None
-    t = torch.load(path, map_location="cpu", weights_only=True)
-    return t.detach().float().numpy()
-  raise ValueError(f"cached embedding {path}: unknown format {path.suffix!r} (.npy, .safetensors, .pt)")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f"{path} is a PyTorch file (the original EVA cache); reading it needs torch "
+                      f"({TORCH_EXTRA}) or re-cache it with scripts/cache_embeddings.py") from None
+  t = torch.load(path, map_location="cpu", weights_only=True)
+  if not hasattr(t, "detach"):
+    raise ValueError(f"expected one tensor, found {type(t).__name__}")
+  return t.detach().float().numpy()
 
 
 def pad_prompt_embedding(emb: np.ndarray, text_len: int = 512) -> np.ndarray:
@@ -93,18 +120,18 @@ def pad_prompt_embedding(emb: np.ndarray, text_len: int = 512) -> np.ndarray:
 
 def load_prompt_embedding(path: str | os.PathLike, text_len: int = 512) -> np.ndarray:
   """A cached prompt embedding as float32 [text_len, D] (zero past the prompt's length)."""
-  try:
-    return pad_prompt_embedding(load_array(path), text_len)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+  emb = load_array(path)  # its errors name the file already
+  if emb.ndim != 2 or emb.shape[0] == 0:
+    raise ValueError(f"cached prompt embedding {path}: must be [L, D] with L >= 1, found shape {emb.shape}")
+  return pad_prompt_embedding(emb, text_len)
 
 
 def is_valid_file(path: Path, check: Callable[[tuple[int, ...]], bool]) -> bool:
   """True when `path` is a readable .npy whose shape passes `check` (used to resume)."""
   try:
     arr = np.load(path, mmap_mode="r")
-    return check(tuple(arr.shape)) and bool(np.isfinite(arr).all())
-  except (OSError, ValueError, EOFError):
+    return arr.dtype.kind in "fiu" and check(tuple(arr.shape)) and bool(np.isfinite(arr).all())
+  except (OSError, ValueError, EOFError, TypeError):  # missing, truncated, not .npy, object dtype
     return False
 
 

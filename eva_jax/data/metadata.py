@@ -15,7 +15,10 @@ PyTorch run on the same CSV hold out the same videos.
 from __future__ import annotations
 
 import csv
+import math
+import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -35,13 +38,16 @@ def _convert(value: str, column: str, where: str) -> Any:
   if column in INT_COLUMNS:
     try:
       return int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "nan", "inf"
       raise ValueError(f"{where}: column {column!r} must be an integer, found {value!r}") from None
   if column in FLOAT_COLUMNS:
     try:
-      return float(value)
+      number = float(value)
     except ValueError:
       raise ValueError(f"{where}: column {column!r} must be a number, found {value!r}") from None
+    if not math.isfinite(number):
+      raise ValueError(f"{where}: column {column!r} must be a finite number, found {value!r}")
+    return number
   if column in BOOL_COLUMNS:
     return value.strip().lower() in ("1", "true", "yes")
   return value
@@ -51,50 +57,78 @@ def read_metadata(path: str | Path) -> list[dict[str, Any]]:
   """Rows of a metadata CSV as typed dicts; `row` holds the 0-based data row for error messages.
 
   Empty optional cells are dropped from the record (so `'trim_start' in record` means "given").
+  Every error names the file, and the row and column where there is one.
   """
   path = Path(path)
-  if not path.is_file():
+  if not path.exists():
     raise FileNotFoundError(f"metadata CSV {path} does not exist")
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    columns = reader.fieldnames or []
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-      raise ValueError(f"{path}: missing required column(s) {missing}; found columns {columns}")
-    records = []
-    for i, row in enumerate(reader):
-      where = f"{path} row {i} (video_path={row.get('video_path')!r})"
-      rec: dict[str, Any] = {"row": i}
-      for col, val in row.items():
-        if col is None:
-          raise ValueError(f"{where}: more cells than the {len(columns)} header columns")
-        val = "" if val is None else val
-        if val == "":
-          if col in REQUIRED_COLUMNS and col != "caption":
-            raise ValueError(f"{where}: required column {col!r} is empty")
-          if col != "caption":
-            continue
-        rec[col] = _convert(val, col, where)
-      if not rec.get("caption"):
-        rec["caption"] = next((rec[c] for c in CAPTION_FALLBACKS if rec.get(c)), "")
-      records.append(rec)
+  if not path.is_file():
+    raise IsADirectoryError(f"metadata CSV {path} is not a file")
+  i = -1
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      columns = reader.fieldnames or []
+      if not columns:
+        raise ValueError(f"{path}: the metadata CSV is empty (expected a header row with {list(REQUIRED_COLUMNS)})")
+      missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+      if missing:
+        raise ValueError(f"{path}: missing required column(s) {missing}; found columns {columns}")
+      records = []
+      for i, row in enumerate(reader):
+        records.append(_record(row, i, columns, f"{path} row {i} (video_path={row.get('video_path')!r})"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not a UTF-8 text CSV (row {i + 1}): {e}") from None
+  except csv.Error as e:  # NUL bytes, an unterminated quote at the end of the file
+    raise ValueError(f"{path}: malformed CSV at row {i + 1}: {e}") from None
+  except PermissionError as e:
+    raise PermissionError(f"metadata CSV {path}: {e.strerror}") from None
   return records
+
+
+def _record(row: Mapping[str, Any], i: int, columns: Sequence[str], where: str) -> dict[str, Any]:
+  rec: dict[str, Any] = {"row": i}
+  for col, val in row.items():
+    if col is None:
+      raise ValueError(f"{where}: more cells than the {len(columns)} header columns")
+    val = "" if val is None else val
+    if val == "":
+      if col in REQUIRED_COLUMNS and col != "caption":
+        raise ValueError(f"{where}: required column {col!r} is empty")
+      if col != "caption":
+        continue
+    rec[col] = _convert(val, col, where)
+  if not rec.get("caption"):
+    rec["caption"] = next((rec[c] for c in CAPTION_FALLBACKS if rec.get(c)), "")
+  return rec
 
 
 def write_metadata(path: str | Path, records: Iterable[Mapping[str, Any]],
                    columns: Sequence[str] | None = None) -> None:
-  """Writes records as a CSV; columns default to the required ones then any others, in order seen."""
+  """Writes records as a CSV, atomically (a temporary file renamed over `path` once complete, so an
+  interrupted run leaves the old CSV or none); columns default to the required ones then any others."""
   records = list(records)
   if columns is None:
     columns = list(REQUIRED_COLUMNS)
     for r in records:
       columns += [k for k in r if k not in columns and k != "row"]
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for r in records:
-      writer.writerow({k: _format(r.get(k, "")) for k in columns})
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+      writer.writeheader()
+      for r in records:
+        writer.writerow({k: _format(r.get(k, "")) for k in columns})
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def _format(v: Any) -> Any:

@@ -49,7 +49,8 @@ def decode_frame(data: bytes, *, path: str | os.PathLike = "<bytes>", index: int
     with Image.open(io.BytesIO(bytes(data))) as im:
       arr = np.asarray(im.convert("RGB"))
   except Exception as e:  # PIL raises several types for corrupt data
-    raise ValueError(f"{path}: frame {index} is not a decodable JPEG ({len(data)} bytes): {e}") from e
+    raise ValueError(f"{path}: frame {index} is not a decodable JPEG ({len(data)} bytes): "
+                     f"{' '.join(str(e).split())}") from e
   return np.ascontiguousarray(arr[..., ::-1])
 
 
@@ -77,6 +78,17 @@ def write_episode(path: str | os.PathLike, frames_rgb: np.ndarray, joint_vector:
   max_len = max(len(b) for b in encoded)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")  # renamed when complete: no half-written episode under `path`
+  try:
+    _write_datasets(tmp, encoded, max_len, joint_vector, camera, extra)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return path
+
+
+def _write_datasets(path, encoded, max_len, joint_vector, camera, extra) -> None:
   with h5py.File(path, "w") as f:
     # Fixed-length byte strings; numpy zero-pads the shorter ones, as the recorder's files are.
     f.create_dataset(rgb_key(camera), data=np.array(encoded, dtype=f"S{max_len}"))
@@ -87,46 +99,95 @@ def write_episode(path: str | os.PathLike, frames_rgb: np.ndarray, joint_vector:
     f.create_dataset("joint_action/right_gripper", data=joint_vector[:, 13])
     for key, value in (extra or {}).items():
       f.create_dataset(key, data=np.asarray(value))
-  return path
 
 
 # MARK: reading
+#
+# Every failure names the episode file, and the dataset and frame where there is one: h5py's own
+# messages ("Unable to synchronously open file (truncated file ...)") name neither.
+
+
+def open_episode(path: str | os.PathLike) -> h5py.File:
+  """h5py.File(path, 'r'), with errors that name the file and say what it should be."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"RoboTwin episode {path} does not exist")
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"RoboTwin episode {path} is a directory, not an HDF5 file")
+  try:
+    return h5py.File(path, "r")
+  except OSError as e:  # truncated, not HDF5, unreadable
+    raise ValueError(f"RoboTwin episode {path} is not a readable HDF5 file: {' '.join(str(e).split())}") from e
+
 
 def _dataset(f: h5py.File, key: str, path) -> h5py.Dataset:
-  if key not in f:
+  try:
+    node = f[key] if key in f else None
+  except (KeyError, OSError, RuntimeError) as e:  # a corrupt group header
+    raise ValueError(f"{path}: cannot read '/{key}': {e}") from e
+  if node is None:
     raise KeyError(f"{path}: missing dataset '/{key}' (has: {_list_datasets(f)})")
-  return f[key]
+  if not isinstance(node, h5py.Dataset):
+    raise ValueError(f"{path}: '/{key}' is a group, expected a dataset (has: {_list_datasets(f)})")
+  return node
+
+
+def _read(ds: h5py.Dataset, path) -> np.ndarray:
+  try:
+    return ds[()]
+  except (OSError, RuntimeError, ValueError, TypeError) as e:  # corrupt chunks, unknown filters
+    raise ValueError(f"{path}: cannot read dataset '{ds.name}': {' '.join(str(e).split())}") from e
 
 
 def _list_datasets(f: h5py.File) -> list[str]:
   names: list[str] = []
-  f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+  try:
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+  except (OSError, RuntimeError):
+    pass
   return names[:20]
 
 
 def episode_length(path: str | os.PathLike, camera: str = "head_camera") -> int:
   """Number of frames, after checking that frames and actions agree."""
-  with h5py.File(path, "r") as f:
+  with open_episode(path) as f:
     return _checked_length(f, camera, path)
 
 
 def _checked_length(f: h5py.File, camera: str, path) -> int:
-  n_frames = len(_dataset(f, rgb_key(camera), path))
+  frames = _dataset(f, rgb_key(camera), path)
+  if frames.ndim != 1 or frames.dtype.kind not in "SO":
+    raise ValueError(f"{path}: '/{rgb_key(camera)}' must be [N] JPEG byte strings, found {frames.dtype} "
+                     f"{frames.shape}")
+  n_frames = len(frames)
+  if n_frames == 0:
+    raise ValueError(f"{path}: episode has no frames ('/{rgb_key(camera)}' is empty)")
   actions = _dataset(f, ACTION_KEY, path)
   if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
     raise ValueError(f"{path}: '/{ACTION_KEY}' must be [N, {ACTION_DIM}], found {actions.shape}")
+  if actions.dtype.kind not in "fiu":
+    raise ValueError(f"{path}: '/{ACTION_KEY}' must hold numbers, found dtype {actions.dtype}")
   if actions.shape[0] != n_frames:
     raise ValueError(f"{path}: length mismatch: '/{rgb_key(camera)}' has {n_frames} frames but "
                      f"'/{ACTION_KEY}' has {actions.shape[0]} rows")
   return n_frames
 
 
+def check_finite_actions(actions: np.ndarray, path) -> np.ndarray:
+  """Raises naming the file, step and joint of the first NaN / inf action."""
+  bad = ~np.isfinite(actions)
+  if bad.any():
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"{path}: '/{ACTION_KEY}' holds {int(bad.sum())} non-finite value(s), the first at "
+                     f"step {row}, joint {col} ({actions[row, col]})")
+  return actions
+
+
 def read_jpeg_bytes(path: str | os.PathLike, camera: str = "head_camera") -> tuple[list[bytes], np.ndarray]:
-  """The raw stored JPEG byte strings (padding stripped) and the [N, 14] float32 actions."""
-  with h5py.File(path, "r") as f:
+  """The raw stored JPEG byte strings (padding stripped) and the [N, 14] float32 actions (all finite)."""
+  with open_episode(path) as f:
     _checked_length(f, camera, path)
-    raw = f[rgb_key(camera)][()]
-    actions = np.asarray(f[ACTION_KEY][()], np.float32)
+    raw = _read(f[rgb_key(camera)], path)
+    actions = check_finite_actions(np.asarray(_read(f[ACTION_KEY], path), np.float32), path)
   # numpy 'S' arrays drop trailing NULs on access; JPEG data ends in FF D9, so nothing real is lost.
   return [bytes(b).rstrip(b"\0") for b in raw], actions
 
@@ -137,7 +198,9 @@ def read_episode(path: str | os.PathLike, camera: str = "head_camera") -> tuple[
   frames = [decode_frame(b, path=path, index=i) for i, b in enumerate(data)]
   shapes = {fr.shape for fr in frames}
   if len(shapes) > 1:
-    raise ValueError(f"{path}: frames of '/{rgb_key(camera)}' differ in size: {sorted(shapes)}")
+    first = next(i for i, fr in enumerate(frames) if fr.shape != frames[0].shape)
+    raise ValueError(f"{path}: frames of '/{rgb_key(camera)}' differ in size: frame 0 is {frames[0].shape}, "
+                     f"frame {first} is {frames[first].shape}")
   return np.stack(frames), actions
 
 
@@ -172,7 +235,13 @@ def joint_stats(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndar
   """Per-joint mean and std of `/joint_action/vector` over episodes (for normalising IDM targets)."""
   rows = []
   for p in paths:
-    with h5py.File(p, "r") as f:
-      rows.append(np.asarray(_dataset(f, ACTION_KEY, p)[()], np.float64))
+    with open_episode(p) as f:
+      actions = _dataset(f, ACTION_KEY, p)
+      if actions.ndim != 2 or actions.shape[1] != ACTION_DIM or actions.dtype.kind not in "fiu":
+        raise ValueError(f"{p}: '/{ACTION_KEY}' must be [N, {ACTION_DIM}] numbers, found {actions.dtype} "
+                         f"{actions.shape}")
+      rows.append(check_finite_actions(np.asarray(_read(actions, p), np.float64), p))
+  if not rows:
+    raise ValueError("joint_stats: no episodes given")
   allrows = np.concatenate(rows)
   return allrows.mean(0).astype(np.float32), np.maximum(allrows.std(0), 1e-6).astype(np.float32)

@@ -27,6 +27,16 @@ def write_video(path: str | os.PathLike, frames, fps: float = 16, crf: int = 18)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    _encode(av, tmp, frames, fps, crf)
+    os.replace(tmp, path)
+  except BaseException:  # no partial .tmp left behind either
+    tmp.unlink(missing_ok=True)
+    raise
+  return path
+
+
+def _encode(av, tmp: pathlib.Path, frames: np.ndarray, fps: float, crf: int) -> None:
   with av.open(str(tmp), mode="w", format="mp4") as container:
     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
     stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -40,20 +50,35 @@ def write_video(path: str | os.PathLike, frames, fps: float = 16, crf: int = 18)
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
-  os.replace(tmp, path)
-  return path
+
+
+def _check_exists(path: pathlib.Path) -> None:
+  if not path.exists():
+    raise FileNotFoundError(f"video not found: {path}")
+  if not path.is_file():
+    raise IsADirectoryError(f"video {path} is not a file")
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
 
 
 def read_video(path: str | os.PathLike, indices=None) -> tuple[np.ndarray, float]:
-  """Returns (frames uint8 [T, H, W, 3], fps). `indices` selects frames (decoding stops at the last one)."""
+  """Returns (frames uint8 [T, H, W, 3], fps). `indices` selects frames (decoding stops at the last one).
+
+  Errors name the file, and the frame where decoding stopped."""
   import av
 
   path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"video not found: {path}")
+  _check_exists(path)
   wanted = None if indices is None else sorted(set(int(i) for i in indices))
+  if wanted is not None and wanted and wanted[0] < 0:
+    raise ValueError(f"video {path}: frame indices must be >= 0, got {wanted[0]}")
+  i = -1
   try:
     with av.open(str(path)) as container:
+      if not container.streams.video:
+        raise ValueError(f"video {path} has no video stream")
       stream = container.streams.video[0]
       fps = float(stream.average_rate or stream.guessed_rate or 0.0)
       frames = []
@@ -62,8 +87,13 @@ def read_video(path: str | os.PathLike, indices=None) -> tuple[np.ndarray, float
           frames.append(frame.to_ndarray(format="rgb24"))
         if wanted is not None and i >= wanted[-1]:
           break
-  except Exception as e:  # av raises several error types; name the file
-    raise ValueError(f"cannot decode video {path}: {e}") from e
+  except ValueError as e:
+    if str(path) in str(e):
+      raise
+    raise ValueError(f"cannot decode video {path} (after frame {i}): {_one_line(e)}") from e
+  except Exception as e:  # av raises several error types; name the file and the frame
+    where = "cannot open" if i < 0 else f"frame {i + 1} does not decode in"
+    raise ValueError(f"{where} video {path}: {_one_line(e)}") from e
   if not frames:
     raise ValueError(f"video {path} has no decodable frames")
   out = np.stack(frames)
@@ -80,11 +110,17 @@ def video_info(path: str | os.PathLike) -> dict:
   import av
 
   path = pathlib.Path(path)
+  _check_exists(path)
   try:
     with av.open(str(path)) as container:
+      if not container.streams.video:
+        raise ValueError("no video stream")
       stream = container.streams.video[0]
       n = stream.frames or sum(1 for _ in container.decode(stream))
-      return {"n_frames": int(n), "height": int(stream.height), "width": int(stream.width),
+      info = {"n_frames": int(n), "height": int(stream.height), "width": int(stream.width),
               "fps": float(stream.average_rate or stream.guessed_rate or 0.0)}
   except Exception as e:
-    raise ValueError(f"cannot read video info of {path}: {e}") from e
+    raise ValueError(f"cannot read video info of {path}: {_one_line(e)}") from e
+  if info["n_frames"] == 0 or not info["height"] or not info["width"]:
+    raise ValueError(f"video {path} is empty ({info})")
+  return info

@@ -33,9 +33,10 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
+  from eva_jax.utils.files import atomic_path
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format="png")
+  with atomic_path(path) as tmp:  # a killed run leaves no truncated PNG
+    fig.savefig(tmp, format="png")
   return path
 
 

@@ -16,10 +16,14 @@ def make_run_dir(root: str | pathlib.Path = "outputs", now: datetime.datetime | 
   while True:
     try:
       path.mkdir(parents=True, exist_ok=False)
-      return path
+      break
     except FileExistsError:  # two runs started within the same second
       path = base.with_name(f"{base.name}-{n}")
       n += 1
+  from eva_jax.utils import logs
+  if logs.log_file() is None:  # an entry point's first run directory holds its log (no-op in a library)
+    logs.set_log_dir(path)
+  return path
 
 
 def _jsonable(x: Any):
@@ -38,6 +42,8 @@ def _jsonable(x: Any):
 
 def save_config(run_dir: str | pathlib.Path, config) -> pathlib.Path:
   """Writes the resolved config as `config.json` (ConfigDict, dataclass-like or dict)."""
+  from eva_jax.utils.files import atomic_path
   path = pathlib.Path(run_dir) / "config.json"
-  path.write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
+  with atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
   return path

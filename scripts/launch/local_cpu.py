@@ -1,7 +1,7 @@
 """Runs an entry point as N local processes × M CPU devices: the multi-host path on one machine.
 
   python scripts/launch/local_cpu.py --processes 2 --devices 4 -- \
-      scripts/train_sft.py --config=configs/sft.py:tiny --config.train.steps=4
+      scripts/train_sft.py --config=configs/sft.py:tiny --config.train.num_steps=4
 
 Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, so the script's
 `jax.distributed.initialize()` (scripts/_common.py) forms one 2×4 = 8-device job; cross-process
@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -48,16 +49,29 @@ def launch(cmd: list[str], processes: int, devices: int, timeout: float | None =
   for t in pumps:
     t.start()
   code = 0
+  deadline = None if timeout is None else time.monotonic() + timeout
   try:
-    for p in procs:
-      rc = p.wait(timeout=timeout)
-      if rc != 0 and code == 0:
-        code = rc
-        for other in procs:
-          if other.poll() is None:
-            other.terminate()
-  except subprocess.TimeoutExpired:
-    code = 124
+    # Poll them all: the first to fail stops the others at once (a peer blocked in a collective waiting
+    # for the failed one would otherwise hang until the timeout).
+    while code == 0 and any(p.poll() is None for p in procs):
+      failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+      if failed:
+        code = failed[0]
+        break
+      if deadline is not None and time.monotonic() > deadline:
+        code = 124
+        break
+      time.sleep(0.2)
+    if code == 0:
+      code = next((p.returncode for p in procs if p.returncode), 0)
+    for other in procs:
+      if other.poll() is None:
+        other.terminate()
+    for other in procs:
+      try:
+        other.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        pass
   finally:
     for p in procs:
       if p.poll() is None:

@@ -2,7 +2,7 @@
 # TPU pod launcher: runs the same command on every worker of a TPU VM pod slice.
 #
 #   scripts/launch/tpu_pod.sh my-v5p-64 us-east5-a scripts/train_sft.py --config=configs/sft.py:14b \
-#       --config.mesh.fsdp=-1 --config.data.root=gs://bucket/robotwin
+#       --config.mesh.fsdp=-1 --config.data.data_root=gs://bucket/robotwin
 #
 # Each worker needs this repository and `pip install -r requirements.txt "jax[tpu]==0.10.2"` (the first
 # command below does both when REPO_URL is set). jax.distributed.initialize() discovers the pod topology

@@ -1,0 +1,254 @@
+"""What the entry points print: a quiet terminal, the full record in a log file, one line per error.
+
+  logs.setup(verbosity)            # once, when the command line is parsed (scripts/_common.py does it)
+  logs.set_log_dir(run_dir)        # when the run directory is known: <run_dir>/eva_jax.log from then on
+  code = logs.guarded(main, prog)  # runs main; an exception -> traceback to the log, one line on stderr
+
+Verbosity (`--verbosity=N` or EVA_JAX_VERBOSITY=N; the flag wins):
+  0 (default)  the terminal shows warnings and errors from everything, INFO lines from eva_jax, its
+               scripts, configs and converters only (stages, output folders), progress bars, summaries;
+               the INFO chatter of absl, orbax, jax and tfds (thousands of lines per checkpoint-heavy
+               run) is kept out of the terminal, but still goes to the log file.
+  1            library INFO lines on the terminal too, in absl's format.
+  2            DEBUG as well.
+
+An error prints `error: <what went wrong> (traceback: <log file>)` as the last line on stderr and the
+process exits with status 1. The traceback goes to the run's log file, or, before a run directory
+exists, to a fresh file under $EVA_JAX_LOG_DIR (default ~/.cache/eva_jax/logs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import traceback
+from typing import Callable
+
+ENV_VERBOSITY = "EVA_JAX_VERBOSITY"
+ENV_LOG_DIR = "EVA_JAX_LOG_DIR"
+LOG_NAME = "eva_jax.log"
+
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# INFO records whose source file lies under one of these stay on the terminal at verbosity 0.
+_OWN = tuple(str(_ROOT / d) + os.sep for d in ("eva_jax", "scripts", "configs", "convert"))
+
+
+class _State:
+  verbosity: int = 0
+  active: bool = False               # setup() was called: an entry point owns the process
+  file_handler: logging.Handler | None = None
+  terminal_filter: logging.Filter | None = None
+  saved_formatter: logging.Formatter | None = None
+
+
+_S = _State()
+
+
+def env_verbosity(default: int = 0) -> int:
+  value = os.environ.get(ENV_VERBOSITY, "")
+  try:
+    return int(value) if value.strip() else default
+  except ValueError:
+    raise ValueError(f"{ENV_VERBOSITY} must be an integer (0, 1 or 2), found {value!r}") from None
+
+
+def verbosity() -> int:
+  return _S.verbosity
+
+
+# MARK: terminal
+
+
+class _TerminalFilter(logging.Filter):
+  """At verbosity 0: warnings and up from everyone, INFO only from this project's own files."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if _S.verbosity >= 1 or record.levelno >= logging.WARNING:
+      return True
+    return record.levelno >= logging.INFO and record.pathname.startswith(_OWN)
+
+
+class _QuietFormatter(logging.Formatter):
+  """Plain messages (INFO) and `warning: ...` lines instead of absl's `I1203 09:48:46.379 ... idm.py:357]`."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    msg = record.getMessage()
+    if record.exc_info:
+      msg += "\n" + self.formatException(record.exc_info)
+    return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def _terminal_handler() -> logging.Handler:
+  from absl import logging as absl_logging
+  return absl_logging.get_absl_handler()
+
+
+def _quiet_tfds_progress() -> None:
+  """tfds draws a bar per split and shuffle when it prepares a dataset: off at verbosity 0."""
+
+  class _Hook:  # a meta-path finder that only watches for tfds' tqdm module, so tfds is not imported here
+    name = "tensorflow_datasets.core.utils.tqdm_utils"
+
+    def find_spec(self, fullname, path=None, target=None):
+      if fullname != self.name:
+        return None
+      import importlib.machinery
+      spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+      if spec is None or spec.loader is None:
+        return None
+      exec_module = spec.loader.exec_module
+
+      def exec_and_silence(module):
+        exec_module(module)
+        module.display_progress_bar(False)
+
+      spec.loader.exec_module = exec_and_silence
+      return spec
+
+  mod = sys.modules.get(_Hook.name)
+  if mod is not None:
+    mod.display_progress_bar(False)
+  elif not any(type(f).__name__ == "_Hook" for f in sys.meta_path):
+    sys.meta_path.insert(0, _Hook())
+
+
+def setup(level: int | None = None) -> int:
+  """Sets the terminal's verbosity (None: EVA_JAX_VERBOSITY, default 0); returns it."""
+  from absl import logging as absl_logging
+  _S.verbosity = env_verbosity() if level is None else int(level)
+  _S.active = True
+  absl_logging.use_absl_handler()
+  # The logger levels decide what reaches any handler (the log file wants INFO); the filter decides
+  # what the terminal shows.
+  absl_logging.set_verbosity(absl_logging.DEBUG if _S.verbosity >= 2 else absl_logging.INFO)
+  handler = _terminal_handler()
+  if _S.terminal_filter is None:
+    _S.terminal_filter = _TerminalFilter()
+    handler.addFilter(_S.terminal_filter)
+  if _S.verbosity == 0:
+    if _S.saved_formatter is None:
+      _S.saved_formatter = handler.formatter or absl_logging.PythonFormatter()
+    handler.setFormatter(_QuietFormatter())
+    _quiet_tfds_progress()
+  elif _S.saved_formatter is not None:
+    handler.setFormatter(_S.saved_formatter)
+  return _S.verbosity
+
+
+# MARK: log file
+
+
+def _process_suffix() -> str:
+  jax = sys.modules.get("jax")
+  try:
+    index = jax.process_index() if jax is not None else 0
+  except Exception:  # a backend that fails to start must not hide the error being reported
+    index = 0
+  return "" if index == 0 else f".p{index}"
+
+
+def set_log_dir(run_dir: str | os.PathLike | None) -> pathlib.Path | None:
+  """Log INFO and up (and, on an error, its traceback) to `<run_dir>/eva_jax.log`; None stops it.
+
+  Does nothing unless an entry point called setup(), so library users and tests get no handlers.
+  """
+  if not _S.active:
+    return None
+  root = logging.getLogger()
+  if _S.file_handler is not None:
+    root.removeHandler(_S.file_handler)
+    _S.file_handler.close()
+    _S.file_handler = None
+  if run_dir is None:
+    return None
+  path = pathlib.Path(run_dir) / f"eva_jax{_process_suffix()}.log"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handler = logging.FileHandler(path, encoding="utf-8")
+  from absl import logging as absl_logging
+  handler.setFormatter(absl_logging.PythonFormatter())
+  root.addHandler(handler)
+  _S.file_handler = handler
+  return path
+
+
+def log_file() -> pathlib.Path | None:
+  return pathlib.Path(_S.file_handler.baseFilename) if _S.file_handler is not None else None
+
+
+def _fallback_file(prog: str) -> pathlib.Path:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  name = f"{pathlib.Path(prog).stem or 'eva_jax'}-{stamp}-{os.getpid()}.log"
+  for folder in (os.environ.get(ENV_LOG_DIR), pathlib.Path.home() / ".cache" / "eva_jax" / "logs",
+                 pathlib.Path(tempfile.gettempdir()) / "eva_jax_logs"):
+    if not folder:
+      continue
+    try:
+      pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+      path = pathlib.Path(folder) / name
+      path.touch()
+      return path
+    except OSError:
+      continue
+  return pathlib.Path(os.devnull)
+
+
+# MARK: errors
+
+
+# Messages of these types read on their own ("<file>: frame 3 is not a decodable JPEG"); others get
+# their type name in front ("ZeroDivisionError: division by zero").
+_PLAIN = (ValueError, LookupError, OSError)
+
+
+def describe(exc: BaseException) -> str:
+  """One line saying what went wrong: the exception's message, newlines folded, notes left out."""
+  if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+    msg = exc.args[0]  # str(KeyError) adds quotes
+  else:
+    msg = str(exc)
+  msg = " ".join(msg.split())
+  if len(msg) > 600:
+    msg = msg[:600] + " ..."
+  if not msg:
+    return type(exc).__name__
+  return msg if isinstance(exc, _PLAIN) else f"{type(exc).__name__}: {msg}"
+
+
+def report(exc: BaseException, prog: str = "eva_jax") -> pathlib.Path:
+  """Writes the traceback to the log file (the run's or a fallback) and one line to stderr; returns the file."""
+  text = "".join(traceback.format_exception(exc))
+  path = log_file()
+  if path is not None:
+    _S.file_handler.flush()
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(f"\n{datetime.datetime.now().isoformat()} error in {prog}:\n{text}")
+  else:
+    path = _fallback_file(prog)
+    if str(path) != os.devnull:
+      path.write_text(f"{' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
+  sys.stderr.flush()
+  sys.stdout.flush()
+  sys.stderr.write(f"\nerror: {describe(exc)} (traceback: {path})\n")
+  sys.stderr.flush()
+  return path
+
+
+def guarded(main: Callable[[], object], prog: str = "eva_jax") -> int:
+  """Runs `main()`; returns its int result (0 for None). An exception is reported (one line) -> 1;
+  Ctrl-C -> 130. SystemExit passes through (the entry points' own usage errors)."""
+  try:
+    result = main()
+  except KeyboardInterrupt:
+    sys.stderr.write("\ninterrupted\n")
+    return 130
+  except Exception as exc:  # every error: one line on the terminal, the traceback in the file
+    report(exc, prog)
+    return 1
+  finally:
+    set_log_dir(None)
+    _S.active = False  # the entry point is done: later library calls in this process log nowhere new
+  return result if isinstance(result, int) else 0

@@ -1,0 +1,385 @@
+"""Bad inputs: every reader and entry point stops with a message naming the file / key / field, and
+nothing written before (an output folder, a CSV) is changed or left half-written.
+
+Readers are called directly; entry points through their `cli(argv)` in this process (tests/cli_utils.py),
+which is what `python scripts/x.py` runs, without a subprocess per case.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import pathlib
+
+import h5py
+import numpy as np
+import pytest
+
+from eva_jax.data import embeddings, metadata, robotwin, video
+from tests.cli_utils import run_cli
+
+N = 4  # frames per test episode
+
+
+def _episode(path, n=N, actions=None):
+  frames = np.zeros((n, 8, 8, 3), np.uint8) + np.arange(n, dtype=np.uint8)[:, None, None, None] * 40
+  return robotwin.write_episode(path, frames, np.zeros((n, 14)) if actions is None else actions)
+
+
+def _digest(folder: pathlib.Path) -> dict:
+  """{relative path: sha256} of every file under `folder` (or of the file itself)."""
+  if folder.is_file():
+    return {folder.name: hashlib.sha256(folder.read_bytes()).hexdigest()}
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# MARK: RoboTwin HDF5
+
+
+def _h5_missing_actions(p):
+  with h5py.File(p, "w") as f:
+    f.create_dataset(robotwin.rgb_key(), data=np.array([robotwin.encode_frame(np.zeros((8, 8, 3), np.uint8))]))
+
+
+def _h5_rewrite(p, key, value):
+  _episode(p)
+  with h5py.File(p, "a") as f:
+    del f[key]
+    f.create_dataset(key, data=value)
+
+
+def _h5_corrupt_frame(p):
+  _episode(p)
+  with h5py.File(p, "a") as f:
+    raw = f[robotwin.rgb_key()][()]
+    raw[2] = b"\xff\xd8 not a jpeg"
+    del f[robotwin.rgb_key()]
+    f.create_dataset(robotwin.rgb_key(), data=raw)
+
+
+def _h5_truncated(p):
+  _episode(p)
+  data = p.read_bytes()
+  p.write_bytes(data[:len(data) // 2])
+
+
+def _h5_nan(p):
+  actions = np.zeros((N, 14))
+  actions[1, 5] = np.nan
+  _episode(p, actions=actions)
+
+
+H5_CASES = {
+    "missing_file": (lambda p: None, "does not exist"),
+    "empty_file": (lambda p: p.write_bytes(b""), "not a readable HDF5"),
+    "not_hdf5": (lambda p: p.write_text("hello"), "not a readable HDF5"),
+    "truncated": (_h5_truncated, "not a readable HDF5"),
+    "missing_key": (_h5_missing_actions, "joint_action/vector"),
+    "wrong_shape": (lambda p: _h5_rewrite(p, robotwin.ACTION_KEY, np.zeros((N, 7))), "joint_action/vector"),
+    "wrong_type": (lambda p: _h5_rewrite(p, robotwin.ACTION_KEY, np.array([[b"x"] * 14] * N)),
+                   "joint_action/vector"),
+    "frames_wrong_type": (lambda p: _h5_rewrite(p, robotwin.rgb_key(), np.zeros((N, 8, 8, 3), np.uint8)),
+                          "observation/head_camera/rgb"),
+    "length_mismatch": (lambda p: _h5_rewrite(p, robotwin.ACTION_KEY, np.zeros((N + 1, 14))), "length mismatch"),
+    "no_frames": (lambda p: _h5_rewrite(p, robotwin.rgb_key(), np.array([], dtype="S4")), "no frames"),
+    "corrupt_jpeg": (_h5_corrupt_frame, "frame 2 is not a decodable JPEG"),
+    "nan_action": (_h5_nan, "non-finite value(s), the first at step 1, joint 5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(H5_CASES))
+def test_robotwin_reader_names_the_file(tmp_path, case):
+  make, expected = H5_CASES[case]
+  path = tmp_path / "task" / "episode3.hdf5"
+  path.parent.mkdir()
+  make(path)
+  with pytest.raises((ValueError, KeyError, OSError)) as e:
+    robotwin.read_episode(path)
+  msg = e.value.args[0]
+  assert str(path) in msg and expected in msg, msg
+
+
+def test_robotwin_joint_stats_rejects_nan(tmp_path):
+  _h5_nan(tmp_path / "e.hdf5")
+  with pytest.raises(ValueError, match="e.hdf5.*non-finite"):
+    robotwin.joint_stats([tmp_path / "e.hdf5"])
+
+
+# MARK: metadata CSV
+
+HEADER = "video_path,caption,height,width,fps,n_frames\n"
+CSV_CASES = {
+    "missing_file": (None, "does not exist"),
+    "empty": ("", "is empty"),
+    "missing_column": ("video_path,caption,height\na.mp4,x,4\n", "missing required column(s) ['width'"),
+    "wrong_type": (HEADER + "a.mp4,x,4,4,16,5\nb.mp4,y,tall,4,16,5\n", "row 1 (video_path='b.mp4'): column 'height'"),
+    "nan_fps": (HEADER + "a.mp4,x,4,4,nan,5\n", "column 'fps' must be a finite number"),
+    "empty_required": (HEADER + "a.mp4,x,4,4,16,\n", "required column 'n_frames' is empty"),
+    "extra_cells": (HEADER + "a.mp4,x,4,4,16,5,9\n", "more cells than the 6 header columns"),
+    "binary": (b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00", "not a UTF-8 text CSV"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CSV_CASES))
+def test_metadata_reader_names_the_file_and_row(tmp_path, case):
+  text, expected = CSV_CASES[case]
+  path = tmp_path / "meta.csv"
+  if isinstance(text, bytes):
+    path.write_bytes(text)
+  elif text is not None:
+    path.write_text(text)
+  with pytest.raises((ValueError, OSError)) as e:
+    metadata.read_metadata(path)
+  assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_write_metadata_is_atomic(tmp_path, monkeypatch):
+  path = tmp_path / "meta.csv"
+  metadata.write_metadata(path, [dict(video_path="a.mp4", caption="x", height=4, width=4, fps=16, n_frames=5)])
+  before = path.read_bytes()
+
+  class Bad:
+    def __str__(self):
+      raise RuntimeError("disk full")
+  with pytest.raises(RuntimeError):
+    metadata.write_metadata(path, [dict(video_path="b.mp4", caption=Bad(), height=4, width=4, fps=16, n_frames=5)])
+  assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["meta.csv"]
+
+
+# MARK: mp4
+
+
+def _mp4_truncated(p):
+  video.write_video(p, np.zeros((8, 16, 16, 3), np.uint8), fps=8)
+  data = p.read_bytes()
+  p.write_bytes(data[:len(data) // 3])
+
+
+MP4_CASES = {
+    "missing_file": (lambda p: None, "video not found"),
+    "directory": (lambda p: p.mkdir(), "is not a file"),
+    "empty_file": (lambda p: p.write_bytes(b""), "video"),
+    "not_a_video": (lambda p: p.write_text("definitely not an mp4 " * 50), "video"),
+    "truncated": (_mp4_truncated, "video"),
+}
+
+
+@pytest.mark.parametrize("reader", ["read_video", "video_info"])
+@pytest.mark.parametrize("case", sorted(MP4_CASES))
+def test_video_reader_names_the_file(tmp_path, case, reader):
+  make, expected = MP4_CASES[case]
+  path = tmp_path / "clip.mp4"
+  make(path)
+  with pytest.raises((ValueError, OSError)) as e:
+    getattr(video, reader)(path)
+  assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_failed_video_write_leaves_nothing(tmp_path):
+  with pytest.raises(ValueError):
+    video.write_video(tmp_path / "v.mp4", np.zeros((2, 4, 4, 5), np.uint8))
+  video.write_video(tmp_path / "v.mp4", np.zeros((2, 4, 4, 3), np.uint8))
+  before = (tmp_path / "v.mp4").read_bytes()
+  with pytest.raises(Exception):
+    video.write_video(tmp_path / "v.mp4", np.zeros((2, 4, 4, 3), np.uint8), fps=-1)
+  assert (tmp_path / "v.mp4").read_bytes() == before and os.listdir(tmp_path) == ["v.mp4"]
+
+
+# MARK: cached arrays
+
+
+def _npy_truncated(p):
+  np.save(p, np.ones((6, 8), np.float32))
+  p.write_bytes(p.read_bytes()[:100])
+
+
+NPY_CASES = {
+    "missing_file": ("e.npy", lambda p: None, "does not exist"),
+    "truncated": ("e.npy", _npy_truncated, "not a readable .npy"),
+    "not_npy": ("e.npy", lambda p: p.write_text("[1, 2, 3]"), "not a readable .npy"),
+    "empty_file": ("e.npy", lambda p: p.write_bytes(b""), "not a readable .npy"),
+    "wrong_type": ("e.npy", lambda p: np.save(p, np.array([["a", "b"]])), "not numeric"),
+    "nan": ("e.npy", lambda p: np.save(p, np.array([[1.0, np.nan]], np.float32)), "NaN / inf"),
+    "wrong_dim": ("e.npy", lambda p: np.save(p, np.ones((2, 3, 4), np.float32)), "must be [L, D]"),
+    "no_rows": ("e.npy", lambda p: np.save(p, np.ones((0, 4), np.float32)), "must be [L, D] with L >= 1"),
+    "unknown_suffix": ("e.txt", lambda p: p.write_text("1"), "unknown format"),
+    "bad_safetensors": ("e.safetensors", lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad"),
+                        "not a readable .safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NPY_CASES))
+def test_cached_embedding_reader_names_the_file(tmp_path, case):
+  name, make, expected = NPY_CASES[case]
+  path = tmp_path / "prompt_embeds" / name
+  path.parent.mkdir()
+  make(path)
+  with pytest.raises((ValueError, OSError)) as e:
+    embeddings.load_prompt_embedding(path, text_len=8)
+  assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
+  assert not embeddings.is_valid_file(path, lambda shape: True) or case in ("wrong_dim", "no_rows")
+
+
+# MARK: python -m convert
+
+
+def _fake_converter(monkeypatch, fail_at=None):
+  """`--kind vae` on a fake state dict: three arrays, or a failure at the `fail_at`-th one (after the earlier
+  ones were written: partial saves of one array each)."""
+  import convert.cli as cli
+  import convert.io
+  import convert.wan
+
+  class Boom:
+    def __array__(self, *a, **k):
+      raise RuntimeError("tensor 'decoder.conv.weight' is corrupt")
+
+  def fake(sd, cfg):
+    values = [np.full((4, 4), i, np.float32) for i in range(3)]
+    if fail_at is not None:
+      values[fail_at] = Boom()
+    return {"a": {str(i): v for i, v in enumerate(values)}}
+  monkeypatch.setattr(convert.io, "open_state_dict", lambda src: {})
+  monkeypatch.setattr(convert.wan, "convert_vae_state_dict", fake)
+  monkeypatch.setattr(cli, "stream_to_orbax", functools.partial(cli.stream_to_orbax.__wrapped__
+                                                                if hasattr(cli.stream_to_orbax, "__wrapped__")
+                                                                else cli.stream_to_orbax, batch_bytes=1))
+
+
+def test_convert_failure_leaves_old_output_and_no_partial(tmp_path, monkeypatch, capsys):
+  from convert.cli import main
+  out = tmp_path / "ckpt" / "vae"
+  _fake_converter(monkeypatch)
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(out), "--quiet"]) == 0
+  before = _digest(out)
+  assert "eva_convert.json" in before
+
+  _fake_converter(monkeypatch, fail_at=2)
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(out), "--quiet", "--overwrite"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("error: RuntimeError: tensor 'decoder.conv.weight' is corrupt"), err
+  assert _digest(out) == before
+  assert os.listdir(out.parent) == ["vae"]                        # no staging folder left
+  fresh = tmp_path / "new"
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(fresh), "--quiet"]) == 1
+  assert not fresh.exists() and os.listdir(tmp_path) == ["ckpt"]  # a failed first run leaves nothing
+
+  # Ctrl-C midway: the same; a killed run's staging folder (its process gone) is removed by the next run
+  monkeypatch.setattr(np, "asarray", _interrupt_after(np.asarray, 2))
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(out), "--quiet", "--overwrite"]) == 130
+  monkeypatch.undo()
+  assert _digest(out) == before and os.listdir(out.parent) == ["vae"]
+  stale = out.parent / "vae.incomplete-999999999"
+  stale.mkdir()
+  (stale / "half").write_text("x")
+  _fake_converter(monkeypatch)
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(out), "--quiet", "--overwrite"]) == 0
+  assert os.listdir(out.parent) == ["vae"]
+  assert json.loads((out / "eva_convert.json").read_text())["params"] == 3
+
+
+def _interrupt_after(fn, n):
+  calls = [0]
+
+  def wrapped(*a, **k):
+    calls[0] += 1
+    if calls[0] > n:
+      raise KeyboardInterrupt
+    return fn(*a, **k)
+  return wrapped
+
+
+CONVERT_CASES = {
+    "missing_src": (lambda d: d / "nope.pth", "checkpoint {src} does not exist"),
+    "corrupt_safetensors": (lambda d: _write(d / "w.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{{{{{{{{"),
+                            "{src} is not a readable safetensors file"),
+    "corrupt_pth": (lambda d: _write(d / "w.pth", b"PK\x03\x04 truncated zip"), "{src} is not a readable PyTorch checkpoint"),
+    "bad_index_json": (lambda d: _write(d / "m.safetensors.index.json", b'{"weight_map": '),
+                       "{src} is not a safetensors index json"),
+    "unknown_format": (lambda d: _write(d / "w.txt", b"x"), "{src}: unknown checkpoint format"),
+    "empty_dir": (lambda d: (d / "empty").mkdir() or d / "empty", "{src}: expected *.safetensors"),
+}
+
+
+def _write(path, data):
+  path.write_bytes(data)
+  return path
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT_CASES))
+def test_convert_cli_bad_source(tmp_path, capsys, case):
+  make, expected = CONVERT_CASES[case]
+  src = make(tmp_path)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("old")
+  code, err = run_cli("convert", ["--kind", "idm", "--src", str(src), "--out", str(out), "--overwrite"], capsys)
+  assert code == 1 and expected.format(src=src) in err.splitlines()[-1], err
+  assert _digest(out) == {"keep.txt": hashlib.sha256(b"old").hexdigest()}
+
+
+# MARK: entry points
+
+
+def test_prepare_robotwin_bad_episode(tmp_path, capsys):
+  root = tmp_path / "data"
+  ep = root / "click_bell" / "demo" / "data" / "episode0.hdf5"
+  ep.parent.mkdir(parents=True)
+  _h5_truncated(ep)
+  csv = root / "robotwin_videos.csv"
+  csv.write_text("old csv\n")
+  code, err = run_cli("scripts.prepare_robotwin", [f"--root={root}"], capsys)
+  assert code == 1 and str(ep) in err.splitlines()[-1], err
+  assert csv.read_text() == "old csv\n" and not (ep.parent.parent / "video").exists()
+  code, err = run_cli("scripts.prepare_robotwin", [f"--root={tmp_path / 'nowhere'}"], capsys)
+  assert code == 1 and "no RoboTwin episodes" in err and str(tmp_path / "nowhere") in err
+
+
+def test_cache_embeddings_missing_csv(tmp_path, capsys):
+  csv = tmp_path / "none.csv"
+  code, err = run_cli("scripts.cache_embeddings", ["--config=configs/cache_embeddings.py:tiny",
+                                                   f"--config.metadata_path={csv}"], capsys)
+  assert code == 1 and f"metadata CSV {csv} does not exist" in err.splitlines()[-1], err
+
+
+def test_train_idm_missing_data_root(tmp_path, capsys):
+  run = tmp_path / "run"
+  code, err = run_cli("scripts.train_idm", ["--config=configs/idm.py:tiny", f"--config.data.root={tmp_path / 'no'}",
+                                            f"--workdir={run}"], capsys)
+  last = err.splitlines()[-1]
+  assert code == 1 and str(tmp_path / "no") in last and str(run / "eva_jax.log") in last, err
+  assert "Traceback" in (run / "eva_jax.log").read_text()
+
+
+def test_infer_missing_image_csv(tmp_path, capsys):
+  code, err = run_cli("scripts.infer", ["--config=configs/infer.py:tiny", f"--config.data.data_root={tmp_path}",
+                                        "--config.data.metadata_path=images.csv", f"--workdir={tmp_path / 'run'}"],
+                      capsys)
+  assert code == 1 and f"image_csv {tmp_path / 'images.csv'} does not exist" in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize("argv, code, expected", [
+    (["--config=configs/nope.py"], 2, "configs/nope.py"),
+    (["--config=configs/idm.py:tiny", "--config.train.num_steps=many"], 2, "--config.train.num_steps=many"),
+    (["--config=configs/idm.py:tiny", "--config.trian.num_steps=1"], 2, "--config.trian.num_steps=1"),
+    (["--config=configs/idm.py:tiny", "--wrkdir=x"], 2, "wrkdir"),
+    (["--config=configs/idm.py:tiny", "episodes/"], 2, "unexpected positional argument(s) ['episodes/']"),
+])
+def test_command_line_errors_are_one_line(capsys, argv, code, expected):
+  got, err = run_cli("scripts.train_idm", argv, capsys)
+  assert got == code and expected in err.strip().splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
+  from eva_jax.utils.files import atomic_path
+  from eva_jax.utils.rundir import save_config
+  save_config(tmp_path, {"a": 1})
+  before = (tmp_path / "config.json").read_bytes()
+  with pytest.raises(RuntimeError):
+    with atomic_path(tmp_path / "config.json") as tmp:
+      tmp.write_text('{"a": ')
+      raise RuntimeError("killed midway")
+  assert (tmp_path / "config.json").read_bytes() == before and os.listdir(tmp_path) == ["config.json"]
