@@ -66,3 +66,26 @@ def test_two_process_grpo(tmp_path):
   assert steps == [0, 1]
   assert (run / "lora_adapter" / "adapter_model.safetensors").is_file()
   assert sorted(p.name for p in (run / "videos").iterdir()) == ["iter00000_0.mp4", "iter00001_0.mp4"]
+
+
+def test_run_dir_is_one_for_all_processes(tmp_path, monkeypatch):
+  """Without --workdir, a multi-process run writes to the directory process 0 made (broadcast), not one
+  directory per process."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from eva_jax.utils import rundir
+  made = tmp_path / "outputs" / "2026-12-03" / "10-00-00"
+  sent = np.zeros(4096, np.uint8)
+  sent[:len(str(made))] = np.frombuffer(str(made).encode(), np.uint8)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda buf: sent)
+  got = rundir.make_run_dir(tmp_path / "outputs")
+  assert got == made and got.is_dir()
+  assert [p for p in (tmp_path / "outputs").rglob("*") if p.is_dir()] == [made.parent, made]  # nothing else
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda buf: buf)
+  own = rundir.make_run_dir(tmp_path / "other")
+  assert own.parent.parent == tmp_path / "other" and own.is_dir()   # process 0 makes a fresh one

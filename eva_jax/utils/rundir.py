@@ -9,7 +9,27 @@ from typing import Any
 
 
 def make_run_dir(root: str | pathlib.Path = "outputs", now: datetime.datetime | None = None) -> pathlib.Path:
-  """Creates and returns a fresh `<root>/<YYYY-MM-DD>/<HH-MM-SS>[-N]/` directory."""
+  """Creates and returns a fresh `<root>/<YYYY-MM-DD>/<HH-MM-SS>[-N]/` directory.
+
+  On a multi-process run every process calls this and gets the same directory: process 0 creates it
+  and broadcasts its path (otherwise each process would make its own, seconds apart).
+  """
+  import jax
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+    buf = np.zeros(4096, np.uint8)
+    if jax.process_index() == 0:
+      name = str(_new_run_dir(root, now)).encode()
+      buf[:len(name)] = np.frombuffer(name, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    path = pathlib.Path(bytes(buf).rstrip(b"\0").decode())
+    path.mkdir(parents=True, exist_ok=True)  # hosts that do not share a file system
+    return path
+  return _new_run_dir(root, now)
+
+
+def _new_run_dir(root, now) -> pathlib.Path:
   now = now or datetime.datetime.now()
   base = pathlib.Path(root) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
   path, n = base, 1
