@@ -21,9 +21,10 @@ import json
 import pathlib
 import time
 
-import _common  # noqa: F401  (repo root on sys.path)
-from _common import run
-from absl import flags
+if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
+  import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702
+from scripts._common import run  # noqa: E402
+from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "outputs/idm_recipes", "output directory")
 _STEPS = flags.DEFINE_integer("steps", 3000, "training steps per recipe (the demo: 3000)")
@@ -103,5 +104,9 @@ def main(argv):
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
 
 
+def cli(argv=None):
+  run(main, argv)
+
+
 if __name__ == "__main__":
-  run(main)
+  cli()
