@@ -45,3 +45,18 @@ def test_restore_without_checkpoints_raises(tmp_path):
   with Checkpointer(tmp_path / "empty") as ck:
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
       ck.restore()
+
+
+def test_a_state_with_nan_is_never_written(tmp_path):
+  """A non-finite state (a NaN in the data reached the weights) is refused by name; the last good
+  checkpoint stays the newest, and a resume starts from it."""
+  ck = Checkpointer(tmp_path, async_save=False)
+  good = {"params": {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}, "step": jnp.int32(1)}
+  ck.save(1, good)
+  bad = {"params": {"w": jnp.ones((3, 2)).at[1, 0].set(jnp.nan), "b": jnp.full(2, jnp.inf)}, "step": jnp.int32(2)}
+  with pytest.raises(FloatingPointError, match=r"step 2 not written: non-finite values in .*'b'.*'w'.*\(2 leaves\)"):
+    ck.save(2, bad)
+  assert ck.all_steps() == [1] and ck.latest_step() == 1
+  restored, _ = ck.restore()
+  np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), 1.0)
+  ck.close()

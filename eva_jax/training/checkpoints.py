@@ -6,7 +6,9 @@ Layout under `directory`:
   best/<step>/...   the best checkpoint by `best_metric` (kept apart so keep-N never deletes it)
 
 A save is atomic (orbax writes to a temporary directory and renames), so an interrupted save never
-corrupts the last good checkpoint; `restore()` reads the newest finalized step.
+corrupts the last good checkpoint; `restore()` reads the newest finalized step. A state holding NaN or
+inf is never written: `save` raises FloatingPointError naming the step and the leaves, and the last good
+checkpoint stays the newest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,27 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+
+
+@jax.jit
+def _finite_leaves(tree):
+  """Per floating leaf: all finite (one program per state structure; a tiny fetch of bools)."""
+  return jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), tree)
+
+
+def check_finite(state: Any, step: int, what: str = "checkpoint") -> None:
+  """FloatingPointError naming `step` and the first non-finite leaves of `state`; nothing else happens."""
+  import numpy as np
+  leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(state)
+            if hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.inexact)]
+  if not leaves:
+    return
+  ok = jax.device_get(_finite_leaves([x for _, x in leaves]))
+  bad = [jax.tree_util.keystr(p) for (p, _), good in zip(leaves, ok) if not bool(good)]
+  if bad:
+    raise FloatingPointError(f"{what} at step {step} not written: non-finite values in {bad[:5]}"
+                             f"{' ...' if len(bad) > 5 else ''} ({len(bad)} leaves); the last good checkpoint "
+                             "is kept")
 
 
 def _abstract(tree):
@@ -52,7 +75,9 @@ class Checkpointer:
   # MARK: save
   def save(self, step: int, state: Any, metrics: Mapping[str, float] | None = None,
            meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
-    """Saves `state` at `step`; also to `best/` when `metrics[best_metric]` improves. Returns True if saved."""
+    """Saves `state` at `step`; also to `best/` when `metrics[best_metric]` improves. Returns True if saved.
+    A state with non-finite values raises FloatingPointError instead (check_finite)."""
+    check_finite(state, step, f"checkpoint {self.directory}")
     args = {"state": ocp.args.StandardSave(state)}
     if meta is not None:
       args["meta"] = ocp.args.JsonSave(dict(meta))
