@@ -345,15 +345,15 @@ def _torch_state_dict(kind: str, path: pathlib.Path) -> Mapping:
   from convert.io import open_state_dict
   try:
     return open_state_dict(str(path))
-  except ImportError as e:
-    raise ImportError(f"{path} is a PyTorch file; reading it needs torch (CPU build): "
-                      f"pip install torch ({e})") from None
-  except (OSError, RuntimeError, ValueError, KeyError) as e:
+  except ImportError:
+    raise  # convert.io says which extra to install
+  except Exception as e:  # noqa: BLE001 (torch/safetensors raise their own types: truncated, not a pickle, ...)
     if kind == "idm" and path.suffix in TORCH_SUFFIXES and "weights_only" in str(e):
       # The released IDM_singleview.pt pickles training arguments next to the tensors.
-      import torch
-      return torch.load(path, map_location="cpu", weights_only=False)
-    raise WeightsError(f"{path}: cannot read as PyTorch weights ({type(e).__name__}: {e})") from None
+      from convert.io import import_torch
+      return import_torch().load(path, map_location="cpu", weights_only=False)
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise WeightsError(f"{path}: cannot read as PyTorch weights ({type(e).__name__}: {msg})") from None
 
 
 def _from_torch(kind: str, spec: _Kind, path: pathlib.Path, cfg, targets: Mapping, where: str) -> dict:

@@ -100,6 +100,10 @@ def test_errors_name_source_key_and_shapes(tmp_path):
   with pytest.raises(weights.WeightsError, match=r"clip weights .*wrong\.pth: "):
     from eva_jax.models.clip import clip_config
     weights.load("clip", tmp_path / "wrong.pth", clip_config("tiny"))
+  # A truncated PyTorch file: one line naming it, not torch's traceback.
+  (tmp_path / "cut.pth").write_bytes((tmp_path / "wrong.pth").read_bytes()[:40])
+  with pytest.raises(weights.WeightsError, match=r"cut\.pth: cannot read as PyTorch weights"):
+    weights.load("vae", tmp_path / "cut.pth", vae_config("tiny"))
   # No config anywhere.
   with pytest.raises(weights.WeightsError, match="no model config given"):
     weights.load("vae", tmp_path / "run")

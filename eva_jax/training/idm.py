@@ -315,7 +315,8 @@ def load_imagenet_state_dict(path, recipe: str = "") -> Mapping[str, Any]:
                      "or train from scratch with --config.init.kind=random")
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"config.init.path={str(path)!r}: no such file; expected {IMAGENET_HELP}")
-  import torch
+  from convert.io import import_torch
+  torch = import_torch("the ImageNet start (init.kind='imagenet')")
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # a pickled nn.Module, or not a torch file at all
