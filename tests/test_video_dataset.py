@@ -88,7 +88,7 @@ def test_example_loader_video_and_embeddings(tmp_path):
   lat = vd.ExampleLoader(tmp_path, dict(CFG, load_video_latent=True))(recs[0], np.random.default_rng(0))
   assert "video" not in lat and lat["latents"].shape == (2, 2, 2, 16)
   # latents cached at another size: the expected size is named
-  with pytest.raises(ValueError, match=r"expected \[2, 3, 4, 16\].*24x32"):
+  with pytest.raises(ValueError, match=r"expected \[F, 3, 4, 16\].*24x32"):
     vd.ExampleLoader(tmp_path, dict(CFG, height=24, width=32, load_video_latent=True))(recs[0],
                                                                                    np.random.default_rng(0))
   # validation: no augmentation, deterministic

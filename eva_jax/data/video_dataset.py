@@ -206,13 +206,13 @@ class ExampleLoader:
       out["caption_id"] = np.int64(zlib.crc32(str(rec.get("caption", "")).encode()))
     if self.load_video_latent:
       lat = self._cached(rec, "video_latent_path")  # [F, h, w, 16]
-      want = (1 + (self.n_frames - 1) // 4, self.height // 8, self.width // 8)
-      if lat.ndim != 4 or tuple(lat.shape[:3]) != want:
+      want = (self.height // 8, self.width // 8)  # the clip length is the cache's (it was cut when cached)
+      if lat.ndim != 4 or tuple(lat.shape[1:3]) != want:
         raise ValueError(f"{self._where(rec)}: latent {rec['video_latent_path']} has shape {lat.shape}; "
-                         f"expected [{want[0]}, {want[1]}, {want[2]}, 16] (channels-last) for data.n_frames="
-                         f"{self.n_frames} at data.height x data.width = {self.height}x{self.width}; re-cache "
-                         "the latents at this size (scripts/cache_embeddings.py) or pick the matching config "
-                         "variant (e.g. configs/sft.py:14b_832 for 480x832)")
+                         f"expected [F, {want[0]}, {want[1]}, 16] (channels-last) for data.height x data.width = "
+                         f"{self.height}x{self.width}; re-cache the latents at this size "
+                         "(scripts/cache_embeddings.py) or pick the matching config variant (e.g. "
+                         "configs/sft.py:14b_832 for 480x832)")
       out["latents"] = lat
     if self.load_clip_embed:
       out["clip_fea"] = self._cached(rec, "clip_embed_path")  # [257, 1280]
