@@ -303,7 +303,7 @@ def merge_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks")
     if module is None or not hasattr(module, "kernel"):
       raise KeyError(f"{file}: adapter {name!r} matches no linear layer of the model")
     delta = (entry["A"].T.astype(np.float32) @ entry["B"].T.astype(np.float32)) * scale   # [in, out]
-    kernel = module.kernel[...]
+    kernel = jnp.asarray(module.kernel[...])
     target = kernel[index] if index is not None else kernel
     if tuple(target.shape) != delta.shape:
       raise ValueError(f"{file}: adapter {name!r} gives a delta of shape {delta.shape}, the kernel is {target.shape}")
