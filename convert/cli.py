@@ -3,10 +3,10 @@
   python -m convert --kind dit --src Wan2.1-I2V-14B-480P/ --out ckpt/dit --config i2v-14b --dtype bfloat16
   python -m convert --kind dit --src eva_i2v_14B.ckpt --out ckpt/eva_dit        # Lightning, 'model.' prefix
   python -m convert --kind vae --src Wan2.1_VAE.pth --out ckpt/vae
-  python -m convert --kind dit --to-torch --src ckpt/dit --out dit.safetensors [--layout wan|diffusers]
+  python -m convert --kind dit --to-torch --src ckpt/dit --out dit.safetensors --layout diffusers
 
 `--to-torch` goes the other way (convert/export.py): eva_jax DiT weights (a converted orbax directory, an SFT
-run directory) -> one PyTorch safetensors file under the Wan or diffusers names.
+run directory) -> one PyTorch safetensors file under the Wan (`--layout wan`, the default) or diffusers names.
 
 Kinds dispatch lazily to convert.wan (dit, vae), convert.clip, convert.umt5 and convert.idm, each with its config
 builder `eva_jax.models.<module>.<kind>_config(name, **overrides)`. The DiT is streamed: source tensors are read
