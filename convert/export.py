@@ -24,7 +24,7 @@ import numpy as np
 
 def _config(src: str, config: str | None, overrides: dict):
   """The WanConfig to load `src` with: a named preset, else a converted directory's eva_convert.json, else None
-  (a run directory's config.json, read by weights.load)."""
+  (a run directory's config.json, read by weights.load, which applies `overrides` to it)."""
   from eva_jax.models.wan import WanConfig, wan_config
   meta = pathlib.Path(src) / "eva_convert.json"
   if config is None and meta.is_file():
@@ -32,7 +32,8 @@ def _config(src: str, config: str | None, overrides: dict):
     fields = {f.name for f in dataclasses.fields(WanConfig)}
     cfg = WanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
     return dataclasses.replace(cfg, **overrides)
-  if config is None and not overrides and pathlib.Path(src).is_dir():
+  from eva_jax import weights
+  if config is None and weights.source_format(src) == "run":
     return None
   return wan_config(config or "i2v-14b", **overrides)
 
@@ -57,7 +58,7 @@ def export_dit(src: str, out: str, *, config: str | None = None, overrides: dict
   except TypeError:
     raise ValueError(f"--dtype {dtype!r} is not a dtype (float32, bfloat16, float16)") from None
   cfg = _config(src, config, overrides or {})
-  graphdef, state = weights.load("dit", src, cfg)
+  graphdef, state = weights.load("dit", src, cfg, overrides=None if cfg is not None else overrides)
   cfg = cfg or nnx.merge(graphdef, state).cfg
   base = nnx.split_state(state, nnx.All(nnx.Param, nnx.Not(LoRAParam)), ...)[0]
   tensors = dict(iter_torch_tensors(nnx.to_pure_dict(base), cfg, layout=layout, dtype=np_dtype))

@@ -211,3 +211,23 @@ def test_cli_to_torch(ref, tmp_path):
   assert cli_main(["--kind", "dit", "--to-torch", "--src", str(tmp_path / "ck"), "--out", str(wan)]) != 0
   assert wan.read_bytes() == before
   assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_to_torch_from_run_dir(ref, tmp_path):
+  """An SFT-like run directory (checkpoints/<step>/state + config.json) exports without --config."""
+  import json
+  from safetensors.torch import load_file
+  from eva_jax.training.checkpoints import Checkpointer
+  _, sd = ref
+  params = convert_dit_state_dict(sd, wan_config("tiny-i2v"))
+  with Checkpointer(tmp_path / "run" / "checkpoints", async_save=False) as ck:
+    ck.save(3, {"params": params, "step": np.int32(3)})
+  (tmp_path / "run" / "config.json").write_text(json.dumps({"model": dict(
+      preset="tiny-i2v", dtype="float32", param_dtype="float32", attention="xla")}))
+  out = tmp_path / "dit.safetensors"
+  assert cli_main(["--kind", "dit", "--to-torch", "--src", str(tmp_path / "run"), "--out", str(out),
+                   "--layout", "diffusers"]) == 0
+  got = load_file(str(out))
+  assert sorted(got) == sorted(sd)
+  for k, v in sd.items():
+    torch.testing.assert_close(got[k], v, rtol=0, atol=0)
