@@ -3,6 +3,10 @@
   python -m convert --kind dit --src Wan2.1-I2V-14B-480P/ --out ckpt/dit --config i2v-14b --dtype bfloat16
   python -m convert --kind dit --src eva_i2v_14B.ckpt --out ckpt/eva_dit        # Lightning, 'model.' prefix
   python -m convert --kind vae --src Wan2.1_VAE.pth --out ckpt/vae
+  python -m convert --kind dit --to-torch --src ckpt/dit --out dit.safetensors --layout diffusers
+
+`--to-torch` goes the other way (convert/export.py): eva_jax DiT weights (a converted orbax directory, an SFT
+run directory) -> one PyTorch safetensors file under the Wan (`--layout wan`, the default) or diffusers names.
 
 Kinds dispatch lazily to convert.wan (dit, vae), convert.clip, convert.umt5 and convert.idm, each with its config
 builder `eva_jax.models.<module>.<kind>_config(name, **overrides)`. The DiT is streamed: source tensors are read
@@ -207,8 +211,12 @@ def convert(kind: str, src: str, out: str, *, config: str | None = None, overrid
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
   p.add_argument("--kind", required=True, choices=sorted(KINDS))
-  p.add_argument("--src", required=True, help="checkpoint file or directory (safetensors, .pth, .ckpt)")
-  p.add_argument("--out", required=True, help="output orbax checkpoint directory")
+  p.add_argument("--src", required=True, help="checkpoint file or directory (safetensors, .pth, .ckpt); with "
+                 "--to-torch an orbax directory from this converter or a trainer's run directory")
+  p.add_argument("--out", required=True, help="output orbax checkpoint directory (--to-torch: a .safetensors file)")
+  p.add_argument("--to-torch", action="store_true", help="export eva_jax DiT weights to PyTorch safetensors")
+  p.add_argument("--layout", default="wan", choices=("wan", "diffusers"),
+                 help="--to-torch key names: the original Wan release's or diffusers' WanTransformer3DModel's")
   p.add_argument("--config", default=None, help="config preset name (dit: t2v-1.3b, t2v-14b, i2v-14b, ...)")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="config override, e.g. --set num_layers=2 (repeatable)")
@@ -238,6 +246,15 @@ def main(argv=None) -> int:
   logs.setup(args.verbosity)
 
   def run():
+    if args.to_torch:
+      if args.kind != "dit":
+        raise ValueError(f"--to-torch exports the DiT only, not --kind {args.kind}")
+      from convert.export import export_dit
+      summary = export_dit(args.src, args.out, config=args.config, overrides=overrides, layout=args.layout,
+                           dtype=args.dtype, overwrite=args.overwrite)
+      print(json.dumps(summary))
+      print(f"convert: wrote {args.out}", file=sys.stderr)
+      return 0
     summary = convert(args.kind, args.src, args.out, config=args.config, overrides=overrides, dtype=args.dtype,
                       overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))

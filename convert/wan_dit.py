@@ -90,6 +90,36 @@ _DIFFUSERS_TO_WAN = [
 ]
 _DIFFUSERS_RULES = [(re.compile(p), r) for p, r in _DIFFUSERS_TO_WAN]
 
+# The same table read right to left (Wan -> diffusers), for exporting our parameters under diffusers names.
+_WAN_TO_DIFFUSERS = [
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
+    (r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
+    (r"^img_emb\.emb_pos$", "condition_embedder.image_embedder.pos_embed"),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
+    (r"^(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
+    (r"^(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
+    (r"^(blocks\.\d+)\.self_attn\.norm_([qk])\.", r"\1.attn1.norm_\2."),
+    (r"^(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
+    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
+    (r"^(blocks\.\d+)\.cross_attn\.norm_([qk])\.", r"\1.attn2.norm_\2."),
+    (r"^(blocks\.\d+)\.cross_attn\.k_img\.", r"\1.attn2.add_k_proj."),
+    (r"^(blocks\.\d+)\.cross_attn\.v_img\.", r"\1.attn2.add_v_proj."),
+    (r"^(blocks\.\d+)\.cross_attn\.norm_k_img\.", r"\1.attn2.norm_added_k."),
+    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
+    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
+    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
+]
+_WAN_RULES = [(re.compile(p), r) for p, r in _WAN_TO_DIFFUSERS]
+
 
 def _expand(entries):
   """Linear/norm entries -> one row per tensor: (our path tuple, Wan key suffix, transform)."""
@@ -123,6 +153,17 @@ def _to_ours(kind: str, x: np.ndarray) -> np.ndarray:
   return x
 
 
+def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  """The inverse of `_to_ours` (one per-layer parameter back to its PyTorch layout)."""
+  if kind == "transpose":
+    return x.T
+  if kind == "patch":           # [pt, ph, pw, C, D] -> Conv3d [D, C, pt, ph, pw]
+    return x.transpose(4, 3, 0, 1, 2)
+  if kind == "modulation":
+    return x[None]
+  return x
+
+
 def _torch_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
   """The source shape that maps onto one (per-layer) parameter of shape `ours`."""
   if kind == "transpose":
@@ -149,6 +190,15 @@ def detect_layout(keys: Sequence[str]) -> str:
 
 def _diffusers_to_wan(key: str) -> str:
   for pattern, repl in _DIFFUSERS_RULES:
+    new, n = pattern.subn(repl, key)
+    if n:
+      return new
+  return key
+
+
+def wan_to_diffusers(key: str) -> str:
+  """A Wan key under its diffusers WanTransformer3DModel name (the inverse of `_diffusers_to_wan`)."""
+  for pattern, repl in _WAN_RULES:
     new, n = pattern.subn(repl, key)
     if n:
       return new
@@ -278,3 +328,33 @@ def convert_dit_state_dict(state_dict: Mapping[str, Any], cfg, *, dtype=None,
       node = node.setdefault(p, {})
     node[path[-1]] = value
   return tree
+
+
+# MARK: export (ours -> PyTorch)
+
+def _param(tree: Mapping, path: tuple):
+  for p in path:
+    tree = tree[p] if p in tree else tree[str(p)]   # orbax trees key unscanned layers by their string
+  return tree
+
+
+def iter_torch_tensors(params: Mapping, cfg, *, layout: str = "wan", dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+  """The mapping table read backwards: (PyTorch key, array) for every DiT parameter of the nested dict
+  `params` (`nnx.to_pure_dict` of a WanModel without LoRA factors), stacked layers split per block,
+  kernels transposed back. layout 'wan' (the original release names) or 'diffusers' (WanTransformer3DModel)."""
+  if layout not in ("wan", "diffusers"):
+    raise ValueError(f"layout must be 'wan' or 'diffusers', got {layout!r}")
+  rename = wan_to_diffusers if layout == "diffusers" else (lambda k: k)
+  top, block = mapping_table(cfg)
+
+  def out(x):
+    x = np.asarray(x)
+    return np.ascontiguousarray(x.astype(dtype) if dtype is not None else x)
+
+  for path, wan, kind in top:
+    yield rename(wan), out(_to_torch(kind, np.asarray(_param(params, path))))
+  for rel, wan, kind in block:
+    stacked = np.asarray(_param(params, ("blocks",) + rel)) if cfg.scan_layers else None
+    for i in range(cfg.num_layers):
+      x = stacked[i] if stacked is not None else np.asarray(_param(params, ("blocks", i) + rel))
+      yield rename(f"blocks.{i}.{wan}"), out(_to_torch(kind, x))

@@ -8,8 +8,10 @@ is a no-op). The GRPO reference policy is the same model with the adapters switc
   with disable_lora(model):
     ref = model(...)          # exactly the base model, no copy of its weights
 
-`merge_lora` folds the adapters into the kernels; `export_peft` / `load_peft` read and write a PEFT-style
-safetensors adapter (`base_model.model.blocks.0.self_attn.q.lora_A.weight` [r, in], `lora_B` [out, r]).
+`merge_lora` folds the adapters into the kernels; `export_peft` / `load_peft` / `merge_peft` write and read
+safetensors adapters in two layouts: 'peft' (`base_model.model.blocks.0.self_attn.q.lora_A.weight` [r, in],
+`lora_B` [out, r], for `PeftModel.from_pretrained`) and 'diffusers' (`diffusion_model.blocks.0.self_attn.q.lora_A
+.weight` plus `.alpha`, the Wan LoRA layout diffusers' `load_lora_weights` converts).
 """
 
 from __future__ import annotations
@@ -112,6 +114,17 @@ def merge_lora(model: nnx.Module) -> None:
     m.lora_b[...] = jnp.zeros_like(m.lora_b[...])
 
 
+# MARK: PEFT / diffusers adapter files
+
+# layout -> (key prefix, file name inside the adapter directory)
+LAYOUTS = {
+    "peft": ("base_model.model.", "adapter_model.safetensors"),            # PeftModel.from_pretrained
+    "diffusers": ("diffusion_model.", "pytorch_lora_weights.safetensors"),  # diffusers load_lora_weights
+}
+# Our module names where they differ from the original Wan names (the 'diffusers' layout uses Wan's).
+_WAN_NAMES = ((".ffn.fc1", ".ffn.0"), (".ffn.fc2", ".ffn.2"))
+
+
 def _peft_prefixes(path: tuple, layers: int | None, layer_container: str) -> list[str]:
   """Torch-style module names for a LoRALinear path; a stacked (scanned) module expands to one per layer."""
   parts = [str(p) for p in path]
@@ -127,10 +140,40 @@ def _stacked_layers(m: LoRALinear) -> int | None:
   return m.lora_a[...].shape[0] if m.lora_a[...].ndim == 3 else None
 
 
-def export_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks") -> None:
-  """Writes `adapter_model.safetensors` and `adapter_config.json` (PEFT layout) into directory `path`."""
+def _rename(name: str, to_wan: bool) -> str:
+  for ours, wan in _WAN_NAMES:
+    old, new = (ours, wan) if to_wan else (wan, ours)
+    if name.endswith(old):
+      return name[:-len(old)] + new
+  return name
+
+
+def _atomic_write(file: str, write) -> None:
+  """write(tmp) then os.replace(tmp, file): a failed or killed export leaves the old file or none."""
+  tmp = f"{file}.tmp-{os.getpid()}"
+  try:
+    write(tmp)
+    os.replace(tmp, file)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def export_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks", layout: str = "peft",
+                prefix: str | None = None) -> str:
+  """Writes the model's adapters into directory `path`; returns the safetensors file written.
+
+  layout 'peft' (default): `adapter_model.safetensors` with `base_model.model.blocks.0.self_attn.q.lora_A.weight`
+    [r, in] / `lora_B.weight` [out, r], plus `adapter_config.json`: `PeftModel.from_pretrained` loads it onto a
+    torch module with Wan's names.
+  layout 'diffusers': `pytorch_lora_weights.safetensors` with the original Wan names under `diffusion_model.`
+    and one `<module>.alpha` scalar each, the Wan/ComfyUI LoRA layout that diffusers' Wan pipelines convert
+    (`pipe.load_lora_weights(path)`); the scale alpha / r travels with the file.
+  prefix: replaces the layout's key prefix. Each file is written to a temporary name and renamed."""
   from safetensors.numpy import save_file
-  os.makedirs(path, exist_ok=True)
+  if layout not in LAYOUTS:
+    raise ValueError(f"export_peft: layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+  prefix = LAYOUTS[layout][0] if prefix is None else prefix
   tensors, targets, rank, alpha = {}, set(), None, None
   for mpath, m in lora_modules(model):
     a = np.asarray(jax.device_get(m.lora_a[...]), np.float32)
@@ -138,37 +181,85 @@ def export_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks"
     layers = _stacked_layers(m)
     for i, name in enumerate(_peft_prefixes(mpath, layers, layer_container)):
       ai, bi = (a[i], b[i]) if layers is not None else (a, b)
-      tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(ai.T)   # [r, in]
-      tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(bi.T)   # [out, r]
+      name = prefix + (_rename(name, to_wan=True) if layout == "diffusers" else name)
+      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(ai.T)   # [r, in]
+      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(bi.T)   # [out, r]
+      if layout == "diffusers":
+        tensors[f"{name}.alpha"] = np.asarray(m.alpha, np.float32)
     targets.add(str(mpath[-1]))
     rank, alpha = m.rank, m.alpha
   if not tensors:
     raise ValueError("export_peft: the model has no LoRA adapters (lora_rank = 0?)")
-  save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+  os.makedirs(path, exist_ok=True)
+  file = os.path.join(path, LAYOUTS[layout][1])
+  _atomic_write(file, lambda tmp: save_file(tensors, tmp))
   config = dict(peft_type="LORA", r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                 target_modules=sorted(targets))
-  with open(os.path.join(path, "adapter_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+
+  def write_config(tmp):
+    with open(tmp, "w") as f:
+      json.dump(config, f, indent=2)
+  _atomic_write(os.path.join(path, "adapter_config.json"), write_config)
+  return file
+
+
+def _adapter_file(path: str) -> str:
+  """The safetensors file of an adapter directory (either layout) or `path` itself."""
+  if path.endswith(".safetensors"):
+    return path
+  for _, name in LAYOUTS.values():
+    if os.path.exists(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise FileNotFoundError(f"{path}: no adapter file ({' or '.join(n for _, n in LAYOUTS.values())})")
+
+
+def _read_adapter(path: str) -> tuple[str, dict[str, dict]]:
+  """(file, {module name in our naming, `blocks.3.self_attn.q`: {'A', 'B', 'alpha' (or None), 'keys'}}).
+  Keys with the 'peft' or 'diffusers' prefix (or none) are accepted; Wan names map back to ours."""
+  from safetensors.numpy import load_file
+  file = _adapter_file(path)
+  tensors = load_file(file)
+  modules: dict[str, dict] = {}
+  for key, value in tensors.items():
+    name, part = key, None
+    for suffix, label in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".alpha", "alpha")):
+      if key.endswith(suffix):
+        name, part = key[:-len(suffix)], label
+    if part is None:
+      raise KeyError(f"{file}: unexpected adapter key {key!r} (expected .lora_A.weight, .lora_B.weight, .alpha)")
+    wan = name.startswith(LAYOUTS["diffusers"][0])
+    for p, _ in LAYOUTS.values():
+      name = name.removeprefix(p)
+    name = _rename(name, to_wan=False) if wan else name
+    entry = modules.setdefault(name, dict(A=None, B=None, alpha=None, keys={}))
+    entry[part] = float(value) if part == "alpha" else value
+    entry["keys"][part] = key
+  for name, entry in modules.items():
+    for part, label in (("A", "lora_A"), ("B", "lora_B")):
+      if entry[part] is None:
+        other = next(iter(entry["keys"].values()))
+        raise KeyError(f"{file}: {label} of {name!r} is missing (found {other!r})")
+  return file, modules
 
 
 def load_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks", strict: bool = True) -> None:
-  """Loads a PEFT adapter directory (or .safetensors file) written by `export_peft` or PEFT into the model."""
-  from safetensors.numpy import load_file
-  file = path if path.endswith(".safetensors") else os.path.join(path, "adapter_model.safetensors")
-  tensors = load_file(file)
+  """Loads an adapter directory (or .safetensors file) written by `export_peft` (either layout) or PEFT into the
+  model's LoRA factors. A per-module `.alpha` that disagrees with the model's lora_alpha raises."""
+  file, modules = _read_adapter(path)
   used = set()
   for mpath, m in lora_modules(model):
     layers = _stacked_layers(m)
     names = _peft_prefixes(mpath, layers, layer_container)
     a_list, b_list = [], []
     for name in names:
-      ka, kb = f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"
-      for key in (ka, kb):
-        if key not in tensors:
-          raise KeyError(f"{file}: adapter key {key!r} is missing")
-      a_list.append(tensors[ka].T)
-      b_list.append(tensors[kb].T)
-      used.update((ka, kb))
+      if name not in modules:
+        raise KeyError(f"{file}: adapter key {name + '.lora_A.weight'!r} is missing")
+      entry = modules[name]
+      if entry["alpha"] is not None and not math.isclose(entry["alpha"], m.alpha):
+        raise ValueError(f"{file}: {name}.alpha is {entry['alpha']}, the model's lora_alpha is {m.alpha}")
+      a_list.append(entry["A"].T)
+      b_list.append(entry["B"].T)
+      used.add(name)
     a = np.stack(a_list) if layers is not None else a_list[0]
     b = np.stack(b_list) if layers is not None else b_list[0]
     for var, new, label in ((m.lora_a, a, "lora_A"), (m.lora_b, b, "lora_B")):
@@ -176,33 +267,32 @@ def load_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks", 
         raise ValueError(f"{file}: {names[0]}.{label} has shape {new.shape} (transposed), "
                          f"expected {tuple(var[...].shape)}")
       var[...] = jnp.asarray(new, var[...].dtype)
-  unused = sorted(set(tensors) - used)
+  unused = sorted(modules[n]["keys"]["A"] for n in set(modules) - used)
   if strict and unused:
     raise KeyError(f"{file}: unexpected adapter keys {unused[:5]}{' ...' if len(unused) > 5 else ''}")
 
 
 def merge_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks") -> int:
-  """Adds a PEFT LoRA adapter (`export_peft`'s or PEFT's layout) into the kernels of a model *without*
-  adapters: kernel += (alpha / r) · Aᵀ Bᵀ. This is how inference applies a GRPO adapter to a base or SFT
-  DiT. Stacked (scanned) layers take `<container>.<i>.` keys into slice i. Returns the modules updated.
-  Every adapter key must land on a module; a missing module or a shape mismatch raises naming the key."""
-  from safetensors.numpy import load_file
-  file = path if path.endswith(".safetensors") else os.path.join(path, "adapter_model.safetensors")
+  """Adds a LoRA adapter (`export_peft`'s layouts or PEFT's) into the kernels of a model *without*
+  adapters: kernel += (alpha / r) · Aᵀ Bᵀ, alpha from the module's `.alpha` key, else adapter_config.json.
+  This is how inference applies a GRPO adapter to a base or SFT DiT. Stacked (scanned) layers take
+  `<container>.<i>.` keys into slice i. Returns the modules updated. Every adapter key must land on a
+  module; a missing module or a shape mismatch raises naming the key."""
+  file, adapters = _read_adapter(path)
   cfg_file = os.path.join(os.path.dirname(file), "adapter_config.json")
-  if not os.path.exists(cfg_file):
-    raise FileNotFoundError(f"{cfg_file}: PEFT adapter_config.json (r, lora_alpha) is missing")
-  with open(cfg_file) as f:
-    peft_cfg = json.load(f)
-  scale = float(peft_cfg["lora_alpha"]) / float(peft_cfg["r"])
-  tensors = load_file(file)
+  peft_alpha = None
+  if any(e["alpha"] is None for e in adapters.values()):
+    if not os.path.exists(cfg_file):
+      raise FileNotFoundError(f"{cfg_file}: PEFT adapter_config.json (r, lora_alpha) is missing")
+    with open(cfg_file) as f:
+      peft_cfg = json.load(f)
+    peft_alpha = (float(peft_cfg["lora_alpha"]), float(peft_cfg["r"]))
   modules = {".".join(str(p) for p in path_): m for path_, m in nnx.iter_modules(model)}
-  prefix, suffix_a, suffix_b = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
   count = 0
-  for key_a in sorted(k for k in tensors if k.endswith(suffix_a)):
-    name = key_a[len(prefix):-len(suffix_a)] if key_a.startswith(prefix) else key_a[:-len(suffix_a)]
-    key_b = key_a[:-len(suffix_a)] + suffix_b
-    if key_b not in tensors:
-      raise KeyError(f"{file}: {key_b!r} is missing (its lora_A is present)")
+  for name in sorted(adapters):
+    entry = adapters[name]
+    rank = entry["A"].shape[0]
+    scale = entry["alpha"] / rank if entry["alpha"] is not None else peft_alpha[0] / peft_alpha[1]
     module, index = modules.get(name), None
     parts = name.split(".")
     if module is None and layer_container in parts:
@@ -212,8 +302,8 @@ def merge_peft(model: nnx.Module, path: str, *, layer_container: str = "blocks")
         module = modules.get(".".join(parts[:at] + parts[at + 1:]))
     if module is None or not hasattr(module, "kernel"):
       raise KeyError(f"{file}: adapter {name!r} matches no linear layer of the model")
-    delta = (tensors[key_a].T.astype(np.float32) @ tensors[key_b].T.astype(np.float32)) * scale   # [in, out]
-    kernel = module.kernel[...]
+    delta = (entry["A"].T.astype(np.float32) @ entry["B"].T.astype(np.float32)) * scale   # [in, out]
+    kernel = jnp.asarray(module.kernel[...])
     target = kernel[index] if index is not None else kernel
     if tuple(target.shape) != delta.shape:
       raise ValueError(f"{file}: adapter {name!r} gives a delta of shape {delta.shape}, the kernel is {target.shape}")
