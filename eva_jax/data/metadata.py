@@ -18,9 +18,10 @@ import csv
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from eva_jax.utils.files import atomic_path
 
 REQUIRED_COLUMNS = ("video_path", "caption", "height", "width", "fps", "n_frames")
 INT_COLUMNS = ("height", "width", "n_frames", "trim_start", "trim_end",
@@ -112,23 +113,13 @@ def write_metadata(path: str | Path, records: Iterable[Mapping[str, Any]],
     columns = list(REQUIRED_COLUMNS)
     for r in records:
       columns += [k for k in r if k not in columns and k != "row"]
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-      writer.writeheader()
-      for r in records:
-        writer.writerow({k: _format(r.get(k, "")) for k in columns})
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for r in records:
+      writer.writerow({k: _format(r.get(k, "")) for k in columns})
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _format(v: Any) -> Any:
