@@ -17,9 +17,10 @@ def _launch(workdir, data_root, steps):
          f"--config.data.data_root={data_root}", f"--config.train.num_steps={steps}",
          "--config.train.checkpoint_every=2", "--config.train.log_every=1", "--config.eval.every=1000",
          "--config.train.batch_size=8", f"--workdir={workdir}"]
-  # the second launch runs the first one's programs: a compilation cache shared by the launches compiles
-  # them once (145 s -> 121 s for this test on 2 cores)
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "xla_cache"))
+  # No compilation cache shared by the launches: only process 0 writes that cache, so on the second launch
+  # process 0 starts training minutes before process 1 (which compiles again) and gloo's 30 s connection
+  # timeout fails the run on a loaded machine (seen in CI: "Gloo context initialization failed").
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -59,7 +60,7 @@ def test_two_process_grpo(tmp_path):
          "--timeout", "600", "--", "scripts/train_grpo.py", "--config=configs/grpo.py:tiny",
          f"--config.reward.idm_checkpoint={tmp_path / 'idm'}", "--config.num_iterations=2",
          "--config.sample.eval_every=0", "--config.log.video_every=1", f"--workdir={run}"]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # see _launch
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stdout[-3000:]
   steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if "reward_mean" in l]
