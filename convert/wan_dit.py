@@ -60,65 +60,54 @@ _I2V_BLOCK = [
     ("cross_attn/norm_k_img/scale", "cross_attn.norm_k_img.weight", "copy"),
 ]
 
-# diffusers -> Wan key renames (spec wan.md A.9), applied to whole dotted-name pieces.
-_DIFFUSERS_TO_WAN = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
-    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
-    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
-    (r"^(blocks\.\d+)\.attn1\.to_([qkv])\.", r"\1.self_attn.\2."),
-    (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.o."),
-    (r"^(blocks\.\d+)\.attn1\.norm_([qk])\.", r"\1.self_attn.norm_\2."),
-    (r"^(blocks\.\d+)\.attn2\.to_([qkv])\.", r"\1.cross_attn.\2."),
-    (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.o."),
-    (r"^(blocks\.\d+)\.attn2\.norm_([qk])\.", r"\1.cross_attn.norm_\2."),
-    (r"^(blocks\.\d+)\.attn2\.add_k_proj\.", r"\1.cross_attn.k_img."),
-    (r"^(blocks\.\d+)\.attn2\.add_v_proj\.", r"\1.cross_attn.v_img."),
-    (r"^(blocks\.\d+)\.attn2\.norm_added_k\.", r"\1.cross_attn.norm_k_img."),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),   # diffusers' affine cross-attn norm is Wan's norm3
-    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+# diffusers <-> Wan key renames (spec wan.md A.9), as (diffusers, Wan) name templates applied to the start
+# of a key: {b} is a block prefix `blocks.<i>`, {qkv}/{qk} one of those letters; a template that does not end
+# in '.' names a whole key. Both directions are compiled from this one table.
+_DIFFUSERS_WAN_NAMES = [
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+    ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.head."),
+    ("{b}.scale_shift_table", "{b}.modulation"),
+    ("{b}.attn1.to_{qkv}.", "{b}.self_attn.{qkv}."),
+    ("{b}.attn1.to_out.0.", "{b}.self_attn.o."),
+    ("{b}.attn1.norm_{qk}.", "{b}.self_attn.norm_{qk}."),
+    ("{b}.attn2.to_{qkv}.", "{b}.cross_attn.{qkv}."),
+    ("{b}.attn2.to_out.0.", "{b}.cross_attn.o."),
+    ("{b}.attn2.norm_{qk}.", "{b}.cross_attn.norm_{qk}."),
+    ("{b}.attn2.add_k_proj.", "{b}.cross_attn.k_img."),
+    ("{b}.attn2.add_v_proj.", "{b}.cross_attn.v_img."),
+    ("{b}.attn2.norm_added_k.", "{b}.cross_attn.norm_k_img."),
+    ("{b}.norm2.", "{b}.norm3."),   # diffusers' affine cross-attn norm is Wan's norm3
+    ("{b}.ffn.net.0.proj.", "{b}.ffn.0."),
+    ("{b}.ffn.net.2.", "{b}.ffn.2."),
 ]
-_DIFFUSERS_RULES = [(re.compile(p), r) for p, r in _DIFFUSERS_TO_WAN]
+_GROUPS = {"{b}": r"(blocks\.\d+)", "{qkv}": "([qkv])", "{qk}": "([qk])"}
 
-# The same table read right to left (Wan -> diffusers), for exporting our parameters under diffusers names.
-_WAN_TO_DIFFUSERS = [
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
-    (r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
-    (r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
-    (r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
-    (r"^img_emb\.emb_pos$", "condition_embedder.image_embedder.pos_embed"),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"^(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
-    (r"^(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
-    (r"^(blocks\.\d+)\.self_attn\.norm_([qk])\.", r"\1.attn1.norm_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
-    (r"^(blocks\.\d+)\.cross_attn\.norm_([qk])\.", r"\1.attn2.norm_\2."),
-    (r"^(blocks\.\d+)\.cross_attn\.k_img\.", r"\1.attn2.add_k_proj."),
-    (r"^(blocks\.\d+)\.cross_attn\.v_img\.", r"\1.attn2.add_v_proj."),
-    (r"^(blocks\.\d+)\.cross_attn\.norm_k_img\.", r"\1.attn2.norm_added_k."),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
-    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
-    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
-]
-_WAN_RULES = [(re.compile(p), r) for p, r in _WAN_TO_DIFFUSERS]
+
+def _rename_rule(source: str, target: str) -> tuple[re.Pattern, str]:
+  """(compiled pattern of `source`, replacement building `target`): placeholders become groups, in order."""
+  pattern, repl, group = "^", target, 0
+  for piece in re.split(r"(\{\w+\})", source):
+    if piece in _GROUPS:
+      group += 1
+      pattern += _GROUPS[piece]
+      repl = repl.replace(piece, f"\\{group}", 1)
+    else:
+      pattern += re.escape(piece)
+  return re.compile(pattern if source.endswith(".") else pattern + "$"), repl
+
+
+_DIFFUSERS_RULES = [_rename_rule(d, w) for d, w in _DIFFUSERS_WAN_NAMES]
+_WAN_RULES = [_rename_rule(w, d) for d, w in _DIFFUSERS_WAN_NAMES]   # for exporting under diffusers names
 
 
 def _expand(entries):
@@ -188,21 +177,22 @@ def detect_layout(keys: Sequence[str]) -> str:
   return "wan"
 
 
-def _diffusers_to_wan(key: str) -> str:
-  for pattern, repl in _DIFFUSERS_RULES:
+def _rename(rules, key: str) -> str:
+  """`key` renamed by the first rule whose pattern matches it (unchanged when none does)."""
+  for pattern, repl in rules:
     new, n = pattern.subn(repl, key)
     if n:
       return new
   return key
+
+
+def _diffusers_to_wan(key: str) -> str:
+  return _rename(_DIFFUSERS_RULES, key)
 
 
 def wan_to_diffusers(key: str) -> str:
   """A Wan key under its diffusers WanTransformer3DModel name (the inverse of `_diffusers_to_wan`)."""
-  for pattern, repl in _WAN_RULES:
-    new, n = pattern.subn(repl, key)
-    if n:
-      return new
-  return key
+  return _rename(_WAN_RULES, key)
 
 
 def wan_key_map(keys: Sequence[str]) -> tuple[dict[str, str], str]:
