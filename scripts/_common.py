@@ -109,9 +109,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   for name in _defined_config_flags():
     given = any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv[1:])
     default = _CONFIG_DEFAULTS.get(name)
-    if not given and default and any(a.startswith(f"--{name}.") for a in argv[1:]):
-      # Overrides of the default config: ml_collections applies those it saw in sys.argv when the flag was
-      # defined (at import), which misses a cli(argv) call; naming the file makes it parse them now.
+    overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith(f"--{name}.")]
+    if not given and default and any(o not in flags.FLAGS for o in overrides):
+      # Overrides of the default config: ml_collections defines (and applies) those it saw in sys.argv when
+      # the flag was defined at import, which misses a cli(argv) call; naming the file makes it parse them
+      # now. Not when they are defined already (`python scripts/x.py --config.a=1`): a second definition
+      # is an absl error.
       argv.insert(1, f"--{name}={default}")
   # ml_collections reads the --config.* overrides from sys.argv, not from the argv it is given.
   sys.argv = argv

@@ -172,3 +172,15 @@ def test_relative_config_from_another_directory(parse_only, monkeypatch, tmp_pat
       "import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'mine': arg})\n")
   check(_words("python scripts/train_idm.py --config=configs/idm.py:x"), monkeypatch)
   assert flags.FLAGS.config.to_dict() == {"mine": "x"}
+
+
+def test_override_of_the_default_config_from_a_real_command_line():
+  """`python scripts/x.py --config.a=1` (no --config): ml_collections defines the override flags at import
+  from sys.argv, so the parser must not define them a second time (an absl 'defined twice' error)."""
+  import subprocess
+  script = str(ROOT / "scripts" / "demo.py")
+  ok = subprocess.run([sys.executable, script, "--config.seed=7", "--help"], capture_output=True, text=True)
+  assert ok.returncode == 0 and "--config.seed=7" in ok.stdout, ok.stderr[-2000:]
+  bad = subprocess.run([sys.executable, script, "--config.short=True", "--config.seed=x"],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "config.seed=x" in bad.stderr and "defined twice" not in bad.stderr, bad.stderr
