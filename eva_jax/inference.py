@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from eva_jax import weights
+from eva_jax.data.metadata import read_csv_rows
 
 IMAGE_CSV_COLUMNS = ("image_path", "height", "width", "fps", "n_frames", "caption")
 
@@ -40,25 +41,24 @@ IMAGE_CSV_COLUMNS = ("image_path", "height", "width", "fps", "n_frames", "captio
 def read_image_csv(path: str | pathlib.Path) -> list[dict[str, Any]]:
   """Rows of an image_csv as dicts (height/width/n_frames int, fps float); paths stay as written."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"image_csv {path} does not exist")
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in IMAGE_CSV_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f"{path}: missing column(s) {missing}; an image_csv needs {list(IMAGE_CSV_COLUMNS)}, "
-                       f"found {reader.fieldnames}")
-    rows = []
-    for i, row in enumerate(reader):
-      where = f"{path} row {i}"
-      try:
-        rec = dict(row, height=int(row["height"]), width=int(row["width"]), n_frames=int(row["n_frames"]),
-                   fps=float(row["fps"]))
-      except ValueError as e:
-        raise ValueError(f"{where}: height/width/n_frames must be integers and fps a number ({e})") from None
-      if not rec["image_path"]:
-        raise ValueError(f"{where}: empty image_path")
-      rows.append(rec)
+  columns, raw = read_csv_rows(path, "image_csv")
+  missing = [c for c in IMAGE_CSV_COLUMNS if c not in columns]
+  if missing:
+    raise ValueError(f"{path}: missing column(s) {missing}; an image_csv needs {list(IMAGE_CSV_COLUMNS)}, "
+                     f"found {columns}")
+  rows = []
+  for i, row in enumerate(raw):
+    where = f"{path} row {i}"
+    if None in row:
+      raise ValueError(f"{where}: more cells than the {len(columns)} header columns")
+    try:
+      rec = dict(row, height=int(row["height"]), width=int(row["width"]), n_frames=int(row["n_frames"]),
+                 fps=float(row["fps"]))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{where}: height/width/n_frames must be integers and fps a number ({e})") from None
+    if not rec["image_path"]:
+      raise ValueError(f"{where}: empty image_path")
+    rows.append(rec)
   if not rows:
     raise ValueError(f"{path}: no rows")
   return rows
@@ -73,7 +73,12 @@ def load_first_frame(path: str | pathlib.Path, height: int, width: int, mode: st
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"image {path} does not exist")
-  img = fit_image(np.asarray(Image.open(path).convert("RGB")), height, width, mode)
+  try:
+    with Image.open(path) as im:
+      rgb = np.asarray(im.convert("RGB"))
+  except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated or non-image files
+    raise ValueError(f"image {path}: not a readable image ({type(e).__name__}: {e})") from None
+  img = fit_image(rgb, height, width, mode)
   return img.astype(np.float32) / 127.5 - 1.0
 
 
@@ -218,7 +223,6 @@ def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
   run_dir = pathlib.Path(workdir) if workdir else make_run_dir(config.output_root)
   run_dir.mkdir(parents=True, exist_ok=True)
   fill_from_wan_dir(config)
-  save_config(run_dir, config)
   scfg = _sampler_config(config)
 
   csv_path = pathlib.Path(config.data.data_root) / config.data.metadata_path if config.data.metadata_path else None
@@ -241,6 +245,7 @@ def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
   data_root = csv_path.parent
   mode = config.data.get("resize", "stretch")
   frames = np.stack([load_first_frame(data_root / r["image_path"], scfg.height, scfg.width, mode) for r in rows])
+  save_config(run_dir, config)  # once the inputs have been read: a bad image_csv leaves the run dir as it was
   contexts, neg = _encode_texts(config, rows, data_root, run_dir, mesh)
 
   models = build_models(config, text_dim=contexts.shape[-1], mesh=mesh)

@@ -20,14 +20,15 @@ with the expected shape. Run it through `scripts/cache_embeddings.py`.
 
 from __future__ import annotations
 
-import csv
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from eva_jax.data import metadata
+from eva_jax.utils.files import atomic_path
 
 PROMPT_COLUMN, CLIP_COLUMN, LATENT_COLUMN = "prompt_embed_path", "clip_embed_path", "first_latent_path"
 PROMPT_DIR, CLIP_DIR, LATENT_DIR = "prompt_embeds", "clip_embeds", "first_latents"
@@ -40,16 +41,8 @@ VIDEO_LATENT_COLUMN, VIDEO_LATENT_DIR = "video_latent_path", "video_latents"
 def save_array(path: str | os.PathLike, array, dtype: Any = np.float32) -> Path:
   """Writes `array` as .npy atomically (a partial file never appears under the final name)."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, np.asarray(np.asarray(array, np.float32), dtype))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    np.save(f, np.asarray(np.asarray(array, np.float32), dtype))
   return path
 
 
@@ -141,35 +134,6 @@ def cache_path(media_path: str, subdir: str) -> str:
 
 
 # MARK: CSV
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-  """Columns and rows as raw strings, so that a rewrite changes nothing but the added columns."""
-  if not path.is_file():
-    raise FileNotFoundError(f"metadata CSV {path} does not exist")
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    return list(reader.fieldnames or []), list(reader)
-
-
-def write_csv_atomic(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> None:
-  """Writes the CSV to a temporary file in the same folder, fsyncs it, then renames it over `path`."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-      writer.writeheader()
-      for r in rows:
-        writer.writerow({c: r.get(c, "") for c in columns})
-      f.flush()
-      os.fsync(f.fileno())
-    if path.exists():
-      os.chmod(tmp, path.stat().st_mode & 0o777)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def media_column(columns: Sequence[str], where: Path) -> str:
@@ -369,7 +333,6 @@ def _cache_video_latents(config, rows, media, root: Path, csv_path: Path, stats:
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
-  from eva_jax.data.metadata import read_metadata
   from eva_jax.data.video_dataset import ExampleLoader
   from eva_jax.utils.progress import progress
   v = config.video
@@ -387,7 +350,7 @@ def _cache_video_latents(config, rows, media, root: Path, csv_path: Path, stats:
       todo.append(i)
   if not todo:
     return
-  records = read_metadata(csv_path)  # typed rows (n_frames, fps, trims, crops) in the CSV's order
+  records = metadata.read_metadata(csv_path)  # typed rows (n_frames, fps, trims, crops) in the CSV's order
   loader = ExampleLoader(root, dict(height=config.height, width=config.width, n_frames=v.n_frames, fps=v.fps,
                                     trim_mode=v.trim_mode, pad_mode=v.pad_mode, augment=False,
                                     camera=config.camera), train=False)
@@ -420,7 +383,7 @@ def cache_embeddings(config, workdir: str | os.PathLike | None = None,
     csv_path = root / csv_path
   out_csv = Path(config.output_csv) if config.output_csv else csv_path
   workdir = Path(workdir) if workdir else root
-  columns, rows = read_csv(csv_path)
+  columns, rows = metadata.read_csv_rows(csv_path)
   media = media_column(columns, csv_path)
   stats = {k: 0 for k in ("prompt_written", "prompt_skipped", "captions_encoded", "clip_written",
                           "clip_skipped", "vae_written", "vae_skipped", "video_latents_written",
@@ -438,6 +401,7 @@ def cache_embeddings(config, workdir: str | os.PathLike | None = None,
   if config.video_latents:
     _cache_video_latents(config, rows, media, root, csv_path, stats, models.get("vae"))
     added.append(VIDEO_LATENT_COLUMN)
-  write_csv_atomic(out_csv, columns + [c for c in added if c not in columns], rows)
+  # raw strings in, raw strings out: a rewrite changes nothing but the added columns (atomically)
+  metadata.write_metadata(out_csv, rows, columns + [c for c in added if c not in columns])
   stats.update(rows=len(rows), csv=str(out_csv))
   return stats

@@ -54,6 +54,29 @@ def _convert(value: str, column: str, where: str) -> Any:
   return value
 
 
+def read_csv_rows(path: str | Path, what: str = "metadata CSV") -> tuple[list[str], list[dict[str, str]]]:
+  """(columns, rows) of a CSV as raw strings ([] columns when it is empty); every open and decode error
+  names the file and row."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{what} {path} does not exist")
+  if not path.is_file():
+    raise IsADirectoryError(f"{what} {path} is not a file")
+  rows: list[dict[str, str]] = []
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      columns = list(reader.fieldnames or [])
+      rows.extend(reader)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not a UTF-8 text CSV (row {len(rows)}): {e}") from None
+  except csv.Error as e:  # NUL bytes, an unterminated quote at the end of the file
+    raise ValueError(f"{path}: malformed CSV at row {len(rows)}: {e}") from None
+  except PermissionError as e:
+    raise PermissionError(f"{what} {path}: {e.strerror}") from None
+  return columns, rows
+
+
 def read_metadata(path: str | Path) -> list[dict[str, Any]]:
   """Rows of a metadata CSV as typed dicts; `row` holds the 0-based data row for error messages.
 
@@ -61,30 +84,14 @@ def read_metadata(path: str | Path) -> list[dict[str, Any]]:
   Every error names the file, and the row and column where there is one.
   """
   path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"metadata CSV {path} does not exist")
-  if not path.is_file():
-    raise IsADirectoryError(f"metadata CSV {path} is not a file")
-  i = -1
-  try:
-    with open(path, newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f)
-      columns = reader.fieldnames or []
-      if not columns:
-        raise ValueError(f"{path}: the metadata CSV is empty (expected a header row with {list(REQUIRED_COLUMNS)})")
-      missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-      if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}; found columns {columns}")
-      records = []
-      for i, row in enumerate(reader):
-        records.append(_record(row, i, columns, f"{path} row {i} (video_path={row.get('video_path')!r})"))
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not a UTF-8 text CSV (row {i + 1}): {e}") from None
-  except csv.Error as e:  # NUL bytes, an unterminated quote at the end of the file
-    raise ValueError(f"{path}: malformed CSV at row {i + 1}: {e}") from None
-  except PermissionError as e:
-    raise PermissionError(f"metadata CSV {path}: {e.strerror}") from None
-  return records
+  columns, rows = read_csv_rows(path)
+  if not columns:
+    raise ValueError(f"{path}: the metadata CSV is empty (expected a header row with {list(REQUIRED_COLUMNS)})")
+  missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+  if missing:
+    raise ValueError(f"{path}: missing required column(s) {missing}; found columns {columns}")
+  return [_record(row, i, columns, f"{path} row {i} (video_path={row.get('video_path')!r})")
+          for i, row in enumerate(rows)]
 
 
 def _record(row: Mapping[str, Any], i: int, columns: Sequence[str], where: str) -> dict[str, Any]:
