@@ -98,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       val_fraction=0.1,         # of the episodes ('episodes') or of the frames ('frames')
       val_max_frames=0,         # 'frames': at most this many validation frames (0 = no cap)
       num_workers=8,
+      skip_corrupt_episodes=False,  # True: an unreadable episode is left out of the built dataset with a
+                                    # warning (count: metric skipped_episodes); False: the build stops on it
       norm_stats="model"))      # 'model' (AnyPos / checkpoint mean+std) | 'dataset' (train split)
 
   # Colour jitter ranges at progress 0 and at progress 1. ramp: widen linearly with training progress

@@ -79,8 +79,13 @@ def find_episodes(root: Path, tasks: Sequence[str] = ()) -> list[tuple[str, str,
 
 def build_records(root: str | Path, *, tasks: Sequence[str] = (), camera: str = "head_camera", fps: float = 0.0,
                   val_fraction: float = 0.01, seed: int = 0, instruction_index: int = 0,
-                  overwrite_videos: bool = False, progress=None) -> tuple[list[dict], dict]:
-  """The CSV rows and a summary {'episodes', 'extracted', 'captions_from_files'}."""
+                  overwrite_videos: bool = False, skip_corrupt: bool = False,
+                  progress=None) -> tuple[list[dict], dict]:
+  """The CSV rows and a summary {'episodes', 'extracted', 'captions_from_files', 'validation', 'skipped'}.
+
+  An unreadable episode (HDF5, JPEG frame, mp4) raises naming its file and frame; with `skip_corrupt` it is
+  left out of the CSV with a warning and counted in 'skipped'."""
+  from absl import logging
   from eva_jax.data.robotwin import read_episode
   from eva_jax.data.video import video_info, write_video
 
@@ -88,16 +93,23 @@ def build_records(root: str | Path, *, tasks: Sequence[str] = (), camera: str = 
   episodes = find_episodes(root, tasks)
   if not episodes:
     raise FileNotFoundError(f"no RoboTwin episodes under {root} (expected <task>/<task_config>/data/episode*.hdf5)")
-  rows, extracted, from_files = [], 0, 0
+  rows, extracted, from_files, skipped = [], 0, 0, 0
   it = progress(episodes, desc="episodes") if progress else episodes
   for task, task_config, i, h5 in it:
     base = root / task / task_config
     mp4 = base / "video" / f"episode{i}.mp4"
-    if overwrite_videos or not mp4.is_file():
-      frames, _ = read_episode(h5, camera=camera)  # its errors name the file, dataset and frame
-      write_video(mp4, frames, fps=fps or ROBOTWIN_RECORD_HZ)
-      extracted += 1
-    info = video_info(mp4)
+    try:
+      if overwrite_videos or not mp4.is_file():
+        frames, _ = read_episode(h5, camera=camera)  # its errors name the file, dataset and frame
+        write_video(mp4, frames, fps=fps or ROBOTWIN_RECORD_HZ)  # atomic: a failure leaves no mp4
+        extracted += 1
+      info = video_info(mp4)
+    except (OSError, ValueError, KeyError) as e:
+      if not skip_corrupt:
+        raise
+      logging.warning("skipping episode %s (--skip_corrupt): %s", h5, e)
+      skipped += 1
+      continue
     caption, found = read_caption(base / "instructions" / f"episode{i}.json", task, instruction_index)
     from_files += found
     rows.append(dict(video_path=mp4.relative_to(root).as_posix(), caption=caption, height=info["height"],
@@ -110,7 +122,7 @@ def build_records(root: str | Path, *, tasks: Sequence[str] = (), camera: str = 
   for k, r in enumerate(rows):
     r["split"] = "validation" if k in val else "training"
   return rows, {"episodes": len(rows), "extracted": extracted, "captions_from_files": from_files,
-                "validation": n_val}
+                "validation": n_val, "skipped": skipped}
 
 
 COLUMNS = ("video_path", "caption", "height", "width", "fps", "n_frames", "split", "task", "task_config", "episode")
@@ -126,12 +138,14 @@ def main(argv):
   root = Path(f.root)
   rows, summary = build_records(root, tasks=[t for t in f.tasks.split(",") if t], camera=f.camera, fps=f.fps,
                                 val_fraction=f.val_fraction, seed=f.seed, instruction_index=f.instruction_index,
-                                overwrite_videos=f.overwrite_videos, progress=progress)
+                                overwrite_videos=f.overwrite_videos, skip_corrupt=f.skip_corrupt,
+                                progress=progress)
   out = Path(f.output_csv) if f.output_csv else root / "robotwin_videos.csv"
   write_metadata(out, rows, COLUMNS)
   print(f"wrote {out}: {summary['episodes']} rows ({summary['validation']} validation), "
         f"{summary['extracted']} videos extracted from HDF5, "
-        f"{summary['captions_from_files']} captions from instruction files")
+        f"{summary['captions_from_files']} captions from instruction files"
+        + (f", {summary['skipped']} unreadable episode(s) skipped" if summary["skipped"] else ""))
 
 
 def _define_flags() -> None:
@@ -147,6 +161,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "seed of the split shuffle")
   flags.DEFINE_integer("instruction_index", 0, "which instruction of the list to use as the caption")
   flags.DEFINE_bool("overwrite_videos", False, "re-extract mp4s from the HDF5 even if they exist")
+  flags.DEFINE_bool("skip_corrupt", False, "leave unreadable episodes out of the CSV (a warning and a count) "
+                    "instead of stopping on the first")
   flags.mark_flag_as_required("root")
 
 

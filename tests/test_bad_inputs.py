@@ -338,6 +338,23 @@ def test_prepare_robotwin_bad_episode(tmp_path, capsys):
   assert code == 1 and "no RoboTwin episodes" in err and str(tmp_path / "nowhere") in err
 
 
+def test_prepare_robotwin_skip_corrupt(tmp_path, capsys, caplog):
+  root = tmp_path / "data"
+  data = root / "click_bell" / "demo" / "data"
+  data.mkdir(parents=True)
+  for i in range(3):
+    (_h5_corrupt_frame if i == 1 else _episode)(data / f"episode{i}.hdf5")
+  code, err = run_cli("scripts.prepare_robotwin", [f"--root={root}"], capsys)
+  assert code == 1 and "episode1.hdf5: frame 2 is not a decodable JPEG" in err.splitlines()[-1], err
+  assert not (root / "robotwin_videos.csv").exists()
+  code, err = run_cli("scripts.prepare_robotwin", [f"--root={root}", "--skip_corrupt"], capsys)
+  assert code == 0, err
+  rows = metadata.read_metadata(root / "robotwin_videos.csv")
+  assert [int(r["episode"]) for r in rows] == [0, 2]
+  assert "skipping episode" in caplog.text and "episode1.hdf5: frame 2" in caplog.text
+  assert sorted(p.name for p in (data.parent / "video").iterdir()) == ["episode0.mp4", "episode2.mp4"]
+
+
 def test_cache_embeddings_missing_csv(tmp_path, capsys):
   csv = tmp_path / "none.csv"
   code, err = run_cli("scripts.cache_embeddings", ["--config=configs/cache_embeddings.py:tiny",
@@ -383,3 +400,77 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
       tmp.write_text('{"a": ')
       raise RuntimeError("killed midway")
   assert (tmp_path / "config.json").read_bytes() == before and os.listdir(tmp_path) == ["config.json"]
+
+
+# MARK: the IDM's TFDS build
+
+
+def _idm_episodes(folder, n=3, corrupt=()):
+  paths = []
+  for i in range(n):
+    p = folder / f"episode{i}.hdf5"
+    (_h5_corrupt_frame if i in corrupt else _episode)(p)
+    paths.append(p)
+  return {"train": [str(p) for p in paths]}
+
+
+def test_idm_build_names_a_corrupt_middle_frame_and_leaves_nothing(tmp_path):
+  from eva_jax.data import idm_dataset
+  splits = _idm_episodes(tmp_path, corrupt=(1,))
+  with pytest.raises(ValueError, match=r"episode1\.hdf5: frame 2 is not a decodable JPEG"):
+    idm_dataset.build_idm_dataset(splits, tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match="no prepared robotwin_idm dataset"):
+    idm_dataset.load_idm_sources(tmp_path / "tfds")
+  assert [p.name for p in (tmp_path / "tfds" / idm_dataset.DATASET_NAME).iterdir()] == []  # no staging left
+
+
+def test_idm_build_skips_corrupt_episodes_when_asked(tmp_path):
+  from eva_jax.data import idm_dataset
+  splits = _idm_episodes(tmp_path, corrupt=(1,))
+  out = idm_dataset.build_idm_dataset(splits, tmp_path / "tfds", skip_corrupt=True)
+  sources = idm_dataset.load_idm_sources(tmp_path / "tfds")
+  assert len(sources["train"]) == 2 * N                       # episodes 0 and 2
+  assert {int(sources["train"][k]["episode"]) for k in range(2 * N)} == {0, 2}
+  skipped = idm_dataset.skipped_episodes(out)
+  assert [s["path"] for s in skipped] == [splits["train"][1]] and "frame 2" in skipped[0]["error"]
+
+
+def test_idm_rebuild_failing_midway_keeps_the_old_dataset(tmp_path):
+  from eva_jax.data import idm_dataset
+  good = _idm_episodes(tmp_path / "good")
+  out = idm_dataset.build_idm_dataset(good, tmp_path / "tfds")
+  before = _digest(out)
+  bad = _idm_episodes(tmp_path / "bad", corrupt=(2,))
+  with pytest.raises(ValueError, match="episode2.hdf5: frame 2"):
+    idm_dataset.build_idm_dataset(bad, tmp_path / "tfds", overwrite=True)
+  assert _digest(out) == before and idm_dataset.load_idm_sources(tmp_path / "tfds")["train"] is not None
+  assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+_KILL_BUILD = """
+import os, signal, sys
+from eva_jax.data import idm_dataset, robotwin
+read, calls = robotwin.read_jpeg_bytes, []
+def killed_on_the_third(path, camera):
+  calls.append(path)
+  if len(calls) == 3:
+    os.kill(os.getpid(), signal.SIGKILL)   # as an OOM kill or a preemption would
+  return read(path, camera)
+robotwin.read_jpeg_bytes = killed_on_the_third
+idm_dataset.build_idm_dataset({"train": sys.argv[2:]}, sys.argv[1], overwrite=True)
+"""
+
+
+def test_idm_build_killed_midway_leaves_no_dataset_a_later_run_would_load(tmp_path):
+  import subprocess
+  import sys
+  from eva_jax.data import idm_dataset
+  splits = _idm_episodes(tmp_path, n=4)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  killed = subprocess.run([sys.executable, "-c", _KILL_BUILD, str(tmp_path / "tfds"), *splits["train"]],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  with pytest.raises(FileNotFoundError):
+    idm_dataset.load_idm_sources(tmp_path / "tfds")
+  out = idm_dataset.build_idm_dataset(splits, tmp_path / "tfds")  # the next run builds it whole
+  assert len(idm_dataset.load_idm_sources(out)["train"]) == 4 * N

@@ -43,7 +43,7 @@ def _tree(root):
 def test_build_records_on_fake_tree(tmp_path):
   root = _tree(tmp_path / "data")
   rows, summary = prep.build_records(root, val_fraction=0.4, seed=0)
-  assert summary == {"episodes": 3, "extracted": 2, "captions_from_files": 2, "validation": 1}
+  assert summary == {"episodes": 3, "extracted": 2, "captions_from_files": 2, "validation": 1, "skipped": 0}
   by = {r["video_path"]: r for r in rows}
   assert sorted(by) == ["beat_hammer/demo_clean/video/episode0.mp4", "beat_hammer/demo_clean/video/episode1.mp4",
                         "click_bell/demo_clean/video/episode0.mp4"]

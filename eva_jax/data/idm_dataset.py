@@ -21,18 +21,24 @@ a restart needs only the step number from the checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
+import shutil
+import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from eva_jax.data import robotwin
+from eva_jax.utils.files import atomic_path
 
 DATASET_NAME = "robotwin_idm"
+SKIPPED_FILE = "skipped_episodes.json"  # written by every build: the episodes skip_corrupt left out
 
 
 # MARK: TFDS builder
@@ -52,11 +58,21 @@ class RobotwinIdm(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def __init__(self, *, episodes: Mapping[str, Sequence[str | os.PathLike]] | None = None,
-               camera: str = "head_camera", **kwargs):
+               camera: str = "head_camera", skip_corrupt: bool = False, **kwargs):
     self._episodes = {k: [str(p) for p in v] for k, v in (episodes or {}).items()}
     self._camera = camera
+    self._skip_corrupt = skip_corrupt
+    self.skipped: list[dict[str, str]] = []  # {'path', 'error'} of episodes left out (skip_corrupt)
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
+
+  # tfds prints these two lines to stdout whatever the logging level: here they go to the log instead
+  # (the entry points print the dataset's location themselves).
+  def _log_download_bytes(self) -> None:
+    logging.info("preparing the %s dataset in %s", self.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("prepared the %s dataset in %s", self.name, self.data_dir)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -83,10 +99,18 @@ class RobotwinIdm(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, paths: Sequence[str]):
     start = 0
     for e, path in enumerate(paths):
-      data, actions = robotwin.read_jpeg_bytes(path, self._camera)
-      # Decode the first and last frames now, so a corrupt file fails while preparing, naming file and index.
-      for i in (0, len(data) - 1):
-        robotwin.decode_frame(data[i], path=path, index=i)
+      try:
+        data, actions = robotwin.read_jpeg_bytes(path, self._camera)
+        # Every frame is decoded now, so a corrupt one fails here naming file and frame, not in a training
+        # step's data loader hours later (decoding is ~1 ms a frame, once per dataset).
+        for i, jpeg in enumerate(data):
+          robotwin.decode_frame(jpeg, path=path, index=i)
+      except (OSError, ValueError, KeyError) as err:
+        if not self._skip_corrupt:
+          raise
+        logging.warning("skipping episode %s (skip_corrupt): %s", path, err)
+        self.skipped.append({"path": path, "error": str(err)})
+        continue
       for i, (jpeg, action) in enumerate(zip(data, actions)):
         yield f"{e:07d}_{i:07d}", dict(jpeg=jpeg, action=action, episode=e, index=i,
                                        episode_start=start, episode_length=len(data))
@@ -107,24 +131,54 @@ def split_episodes(paths: Sequence[str | os.PathLike], val_fraction: float = 0.1
 
 def build_idm_dataset(episodes: Sequence[str | os.PathLike] | Mapping[str, Sequence[str | os.PathLike]],
                       data_dir: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0,
-                      camera: str = "head_camera", overwrite: bool = False) -> pathlib.Path:
-  """Writes the array_record dataset under `data_dir/robotwin_idm/1.0.0`; returns that directory."""
+                      camera: str = "head_camera", overwrite: bool = False,
+                      skip_corrupt: bool = False) -> pathlib.Path:
+  """Writes the array_record dataset under `data_dir/robotwin_idm/1.0.0`; returns that directory.
+
+  Atomic: the dataset is built in a temporary folder under `data_dir` and renamed into place once
+  complete, so a failed or killed build leaves the previous dataset (or none), never a partial one that
+  the next run would load. An existing dataset is kept unless `overwrite`. A corrupt or unreadable
+  episode stops the build naming its file and frame; with `skip_corrupt` it is left out with a warning
+  and listed in SKIPPED_FILE (`skipped_episodes(path)`).
+  """
   splits = episodes if isinstance(episodes, Mapping) else split_episodes(episodes, val_fraction, seed)
   splits = {k: v for k, v in splits.items() if len(v)}
-  builder = RobotwinIdm(episodes=splits, camera=camera, data_dir=str(data_dir))
-  if overwrite and pathlib.Path(builder.data_dir).exists():
-    import shutil
-    shutil.rmtree(builder.data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
-  return pathlib.Path(builder.data_dir)
+  final = pathlib.Path(data_dir) / DATASET_NAME / str(RobotwinIdm.VERSION)
+  if (final / "dataset_info.json").exists() and not overwrite:
+    return final
+  final.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}-building-", dir=final.parent))
+  try:
+    builder = RobotwinIdm(episodes=splits, camera=camera, skip_corrupt=skip_corrupt, data_dir=str(staging))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    built = pathlib.Path(builder.data_dir)
+    with atomic_path(built / SKIPPED_FILE) as tmp:
+      tmp.write_text(json.dumps(builder.skipped, indent=1))
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+      os.replace(final, old)
+    os.replace(built, final)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return final
+
+
+def skipped_episodes(data_dir: str | os.PathLike) -> list[dict[str, str]]:
+  """The episodes a `skip_corrupt` build left out ({'path', 'error'}); [] for a dataset without the list."""
+  path = _version_dir(data_dir) / SKIPPED_FILE
+  return json.loads(path.read_text()) if path.exists() else []
+
+
+def _version_dir(data_dir: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(data_dir)
+  return path if (path / "dataset_info.json").exists() else path / DATASET_NAME / str(RobotwinIdm.VERSION)
 
 
 def load_idm_sources(data_dir: str | os.PathLike) -> dict[str, Any]:
   """{split: random-access source of records} from a prepared directory (the dataset root or its
   versioned subdirectory); works without TensorFlow and without importing the builder class."""
-  path = pathlib.Path(data_dir)
-  if not (path / "dataset_info.json").exists():
-    path = path / DATASET_NAME / str(RobotwinIdm.VERSION)
+  path = _version_dir(data_dir)
   if not (path / "dataset_info.json").exists():
     raise FileNotFoundError(f"no prepared {DATASET_NAME} dataset at {data_dir} (expected {path}/dataset_info.json)")
   return tfds.builder_from_directory(str(path)).as_data_source()

@@ -356,7 +356,7 @@ def prepare_data(config, workdir: pathlib.Path) -> dict[str, Any]:
     # A frame-level split is drawn from the 'train' split at training time: every episode goes there.
     val_fraction = d.val_fraction if d.get("split", "episodes") == "episodes" else 0.0
     idm_dataset.build_idm_dataset(episodes, tfds_dir, val_fraction=val_fraction, seed=config.seed,
-                                  camera=d.camera)
+                                  camera=d.camera, skip_corrupt=d.skip_corrupt_episodes)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("idm_dataset_built")
@@ -428,6 +428,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
   sources = prepare_data(config, workdir)
   d = config.data
+  skipped = idm_dataset.skipped_episodes(pathlib.Path(d.tfds_dir) if d.tfds_dir else workdir / "tfds")
+  if skipped:
+    logging.warning("the IDM dataset leaves out %d unreadable episode(s) (skip_corrupt_episodes), e.g. %s",
+                    len(skipped), skipped[0]["path"])
   train_windows, val_windows = make_windows(config, sources)
   logging.info("IDM windows: %s train, %s validation (split %r)", len(train_windows),
                len(val_windows) if val_windows is not None else 0, d.split)
@@ -482,6 +486,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
       since = done
       values.update(clock.rates(t.batch_size, "windows"))
       values["learning_rate"] = float(_lr(config.optim, done))
+      values["skipped_episodes"] = len(skipped)
       last.update(writer.write(done, values))
     val: dict[str, float] = {}
     if val_windows is not None and config.eval.every and (done % config.eval.every == 0 or done == total):
