@@ -166,3 +166,31 @@ def test_authors_recipe_trains_and_predicts_with_its_input(tmp_path):
   idx = robotwin.window_indices(5, 3, 2)
   direct = nnx.jit(lambda m, x: m(tf(x)))(model, jnp.asarray(frames[:5][idx], jnp.float32) / 255.0)
   np.testing.assert_allclose(pred, np.asarray(direct), rtol=1e-4, atol=1e-5)
+
+
+def test_nan_in_the_data_stops_training_and_no_checkpoint_holds_it(tmp_path, monkeypatch):
+  """A NaN target reaching a training batch (past the readers' checks) stops the run naming the steps
+  (the log check) or the checkpoint (the save check), and only the last good checkpoint is on disk."""
+  from eva_jax.data import idm_dataset
+  root = tmp_path / "episodes"
+  _write_episodes(root)
+  real = idm_dataset.train_loader
+
+  def poisoned(*args, **kwargs):
+    for k, batch in enumerate(real(*args, **kwargs)):
+      if k == 2:  # the batch of step 3
+        batch = dict(batch, action=np.full_like(batch["action"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(idm_dataset, "train_loader", poisoned)
+  for log_every, expected in ((4, r"IDM training: non-finite .*'loss'.* between steps 0 and 4"),
+                              (100, r"checkpoint .* at step 4 not written: non-finite")):
+    workdir = tmp_path / f"log{log_every}"
+    with pytest.raises(FloatingPointError, match=expected):
+      train_idm.train_and_evaluate(_config(root, log_every=log_every, checkpoint_every=2), workdir)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    assert ckpt.all_steps() == [2]
+    tree, _ = ckpt.restore()
+    ckpt.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.inexact))
