@@ -49,7 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       latent_width=80, sde_variant="eva", noise_level=0.7, eval_every=10,
       # False = EVA: the final latents are decoded as sampled; True puts the clean frame 0 back first
       # (the IDM then sees the observed frame; the tiny/demo runs keep it).
-      decode_clean_first=False))
+      decode_clean_first=False,
+      # The DiT's cross-attention K/V (512 text + 257 CLIP tokens) once per rollout instead of at each of
+      # the num_steps steps: the same rollouts (tests/test_train_grpo.py), less work per step.
+      cache_context_kv=True))
 
   c.train = ml_collections.ConfigDict(dict(
       timestep_fraction=0.99, num_inner_epochs=4, micro_batch=0, accum_micro=0, clip_range=1e-5,

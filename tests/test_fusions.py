@@ -179,3 +179,35 @@ def test_precision_eva_mode():
   assert 1e-5 < rel_err(z16, z32) < 1e-2
   with pytest.raises(ValueError, match="precision must be 'wan' or 'eva'"):
     wan_config("tiny-i2v", precision="fp16")
+
+
+def test_grpo_rollout_with_cached_context_kv_equals_recomputing(fused):
+  """GRPO's rollouts (rl/rollout.sample_latents) with the cross-attention K/V computed once per rollout
+  (kv_fn, training/grpo.py's default) give the same latents and log-probs as recomputing them per step."""
+  from eva_jax.diffusion.schedules import wan_timesteps
+  from eva_jax.rl.rollout import RolloutConfig, sample_latents
+  gdef, lora_s, base_s = nnx.split(fused[0], LoRAParam, ...)
+
+  @jax.jit  # merged in its own jit, as training/grpo.py does (one trace level inside the scan)
+  def policy(lo, ba, x, t, cond, context_kv=None):
+    m = nnx.merge(gdef, lo, ba)
+    return m(x, t, None, None, context_kv=context_kv) if context_kv is not None else m(
+        x, t, cond["context"], cond["clip_fea"])
+
+  @jax.jit
+  def kv_fn(lo, ba, cond):
+    return nnx.merge(gdef, lo, ba).context_kv(cond["context"], cond["clip_fea"])
+
+  ts, sig = wan_timesteps(3)
+  x, _, ctx, clip, _ = _inputs()
+  cond = dict(context=ctx, clip_fea=clip)
+  cfg = RolloutConfig(sigma_max=float(sig[1]), t_hist=float(ts[-1]))
+
+  @jax.jit
+  def both(lo, ba):
+    run = lambda f: sample_latents(policy, lo, ba, x[:, :1], cond, x, jax.random.key(4), ts, sig, cfg, f)  # noqa: E731
+    return run(None), run(kv_fn)
+
+  (lat, lps), (lat_kv, lps_kv) = both(lora_s, base_s)
+  assert rel_err(lat_kv, lat) <= 1e-6 and float(jnp.max(jnp.abs(lps_kv - lps))) <= 1e-4
+  assert float(jnp.abs(lat[:, -1] - lat[:, 0]).max()) > 0.1   # the policy moved the latents

@@ -42,23 +42,29 @@ class RolloutConfig:
 
 
 def sample_latents(policy_fn: Callable, lora, base, clean_first: jax.Array, cond, noise: jax.Array,
-                   key: jax.Array, timesteps, sigmas, cfg: RolloutConfig):
+                   key: jax.Array, timesteps, sigmas, cfg: RolloutConfig, kv_fn: Callable | None = None):
   """The SDE sampling loop (lax.scan over steps).
 
   Args:
-    policy_fn: (lora, base, x [B,F,h,w,C], t [B,F], cond) -> v.
+    policy_fn: (lora, base, x [B,F,h,w,C], t [B,F], cond) -> v; with kv_fn it is also called as
+      (lora, base, x, t, cond, context_kv=kv_fn(lora, base, cond)).
     clean_first: [B, 1, h, w, C] clean latent of the observed first frame.
     noise: [B, F, h, w, C] initial x_T.
     key: noise for the SDE steps (step j uses fold_in(key, j)).
+    kv_fn: (lora, base, cond) -> the policy's cross-attention keys and values (WanModel.context_kv).
+      They depend on the prompt and CLIP tokens and the weights, not on x or t: computed once per
+      rollout instead of at every step (the same velocities).
   Returns (latents [B, S+1, F, h, w, C] f32, log_probs [B, S] f32).
   """
   timesteps = jnp.asarray(timesteps, jnp.float32)
   sigmas = jnp.asarray(sigmas, jnp.float32)
   b, f = noise.shape[:2]
+  kv = kv_fn(lora, base, cond) if kv_fn is not None else None
 
   def body(x, j):
     x_in = impose_first_frame(x, clean_first)
-    v = policy_fn(lora, base, x_in, frame_timesteps(timesteps[j], b, f, cfg.t_hist), cond)
+    t = frame_timesteps(timesteps[j], b, f, cfg.t_hist)
+    v = policy_fn(lora, base, x_in, t, cond) if kv is None else policy_fn(lora, base, x_in, t, cond, context_kv=kv)
     x_next, logp, _, _ = sde_step_with_logprob(
         x_in, v, sigmas[j], sigmas[j + 1], jax.random.fold_in(key, j), variant=cfg.sde_variant,
         noise_level=cfg.noise_level, sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min,
@@ -72,11 +78,12 @@ def sample_latents(policy_fn: Callable, lora, base, clean_first: jax.Array, cond
 
 
 def make_rollout_fn(policy_fn: Callable, decode_fn: Callable, actions_fn: Callable, timesteps, sigmas,
-                    cfg: RolloutConfig, reward_cfg: reward_lib.SmoothnessConfig | None = None):
+                    cfg: RolloutConfig, reward_cfg: reward_lib.SmoothnessConfig | None = None,
+                    kv_fn: Callable | None = None):
   """rollout(params, batch, key) -> dict, pure and jittable.
 
   Args:
-    policy_fn: (lora, base, x, t, cond) -> v.
+    policy_fn: (lora, base, x, t, cond) -> v (and `context_kv=` with kv_fn: see sample_latents).
     decode_fn: (vae_params, z [B,F,h,w,C]) -> video [B,T,H,W,3] in [-1, 1].
     actions_fn: (idm_params, video [B,T,H,W,3] in [0, 1]) -> actions [B, T, D].
   `params` = dict(lora, base, vae, idm); `batch` = dict(clean_first [B,1,h,w,C], cond, and the
@@ -92,7 +99,7 @@ def make_rollout_fn(policy_fn: Callable, decode_fn: Callable, actions_fn: Callab
     k_noise, k_sde = jax.random.split(key)
     noise = jax.random.normal(k_noise, (b, num_latent_frames, h, w, c), jnp.float32)
     latents, log_probs = sample_latents(policy_fn, params["lora"], params["base"], clean_first,
-                                        batch["cond"], noise, k_sde, timesteps, sigmas, cfg)
+                                        batch["cond"], noise, k_sde, timesteps, sigmas, cfg, kv_fn)
     z = impose_first_frame(latents[:, -1], clean_first) if cfg.decode_clean_first else latents[:, -1]
     video = jnp.clip(decode_fn(params["vae"], z).astype(jnp.float32), -1.0, 1.0)
     actions = actions_fn(params["idm"], jnp.clip((video + 1.0) / 2.0, 0.0, 1.0))

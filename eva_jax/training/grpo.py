@@ -197,8 +197,14 @@ def _programs(config_json: str, gdef, vae_gdef, idm_gdef, mesh):
   # Each model is merged inside its own (inlined) jit, so its variables live at one trace level even
   # when called from a lax.scan body (nnx.scan over the DiT blocks checks this).
   @jax.jit
-  def policy_fn(lora_s, base_s, x, t, cond):
+  def policy_fn(lora_s, base_s, x, t, cond, context_kv=None):
+    if context_kv is not None:
+      return nnx.merge(gdef, lora_s, base_s)(x, t, None, None, context_kv=context_kv)
     return nnx.merge(gdef, lora_s, base_s)(x, t, cond["context"], cond["clip_fea"])
+
+  @jax.jit
+  def context_kv_fn(lora_s, base_s, cond):  # the rollouts' cross-attention K/V, once per rollout
+    return nnx.merge(gdef, lora_s, base_s).context_kv(cond["context"], cond["clip_fea"])
 
   @jax.jit
   def ref_policy_fn(lora_s, base_s, x, t, cond):
@@ -215,9 +221,10 @@ def _programs(config_json: str, gdef, vae_gdef, idm_gdef, mesh):
     return actions_from_video(nnx.merge(idm_gdef, ids), video, config.reward.idm_batch_size or None)
 
   tx = make_optimizer(config.optim)
-  rollout_fn = make_rollout_fn(policy_fn, decode_fn, actions_fn, timesteps, sigmas, ro_cfg, reward_cfg)
+  kv_fn = context_kv_fn if s.get("cache_context_kv", True) else None
+  rollout_fn = make_rollout_fn(policy_fn, decode_fn, actions_fn, timesteps, sigmas, ro_cfg, reward_cfg, kv_fn)
   eval_fn = make_rollout_fn(policy_fn, decode_fn, actions_fn, timesteps, sigmas,
-                            dataclasses.replace(ro_cfg, deterministic=True), reward_cfg)
+                            dataclasses.replace(ro_cfg, deterministic=True), reward_cfg, kv_fn)
   group_ids = jnp.repeat(jnp.arange(s.num_prompts), s.group_size)
 
   # Rollouts (batch axis) over ('data', 'fsdp').
