@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from eva_jax.data import toyworld
 from eva_jax.utils import plots
@@ -545,12 +547,41 @@ def write_report(ctx: DemoContext) -> dict[str, Any]:
           {"before": out["actions_before"][0], "after": out["actions_after"][0]}, fps=fps,
           title="IDM-predicted joints of sample 0 before and after alignment"))
 
-  summary = {"workdir": str(wd), "seed": cfg.seed, "short": bool(cfg.short),
+  summary = {"workdir": str(wd), "seed": cfg.seed, "short": bool(cfg.short), "machine": machine_record(),
              "stages": {n: r.to_json() for n, r in res.items()},
              "files": sorted(str(f.relative_to(wd)) for f in files)}
   (wd / "summary.json").write_text(json.dumps(summary, indent=2))
   (wd / "summary.md").write_text(_summary_markdown(summary))
   return summary
+
+
+def machine_record() -> dict[str, Any]:
+  """What decides the demo's floating-point results besides the code: the CPU, how many cores XLA's
+  thread pool spans (the same code gives other bits on 1 and on 2 cores), XLA's flags, jax's version and
+  the device count (docs/demo.md, "Determinism")."""
+  import platform
+  import jax
+  cpu = platform.processor() or platform.machine()
+  try:
+    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {"cpu": cpu, "cores": cores, "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+          "devices": jax.device_count()}
+
+
+def pin_cpu_cores(n: int) -> int:
+  """Restricts this process to the first `n` cores it may use (0: leave it), before jax starts its CPU
+  backend, whose thread pool is sized by them; returns the cores in use. With the same n, XLA splits its
+  work the same way on any machine with at least n cores (what the figures of docs/demo.md depend on)."""
+  if n and hasattr(os, "sched_setaffinity"):
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < n:
+      logging.warning("cpu_cores=%d: only %d core(s) available; the results may differ from a %d-core run",
+                      n, len(allowed), n)
+    os.sched_setaffinity(0, allowed[:n])
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _done(res: dict[str, StageResult], name: str) -> bool:

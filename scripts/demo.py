@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checko
 from scripts._common import config_flag, run  # noqa: E402
 from absl import flags
 
-from eva_jax.demo import run_demo
+from eva_jax.demo import pin_cpu_cores, run_demo
 from eva_jax.utils import logs
 from eva_jax.utils.rundir import make_run_dir
 
@@ -22,9 +22,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (default: a new o
 
 def main(argv):
   del argv
+  config = _CONFIG.value
+  pin_cpu_cores(config.cpu_cores)  # before the first jax computation starts the CPU backend
   workdir = _WORKDIR.value or make_run_dir("outputs")
   logs.set_log_dir(workdir)
-  summary = run_demo(_CONFIG.value, workdir)
+  summary = run_demo(config, workdir)
   print(f"demo: report in {summary['workdir']}/summary.md")
 
 

@@ -246,3 +246,12 @@ def test_penalty_quarters():
   assert q == {"penalty_jerk_first": 7.0, "penalty_jerk_last": 1.0,
                "penalty_acc_first": 1.0, "penalty_acc_last": 1.0}  # absent terms are left out
   assert demo.penalty_quarters(records[:1] + [{}]) == {}  # not logged every iteration: not compared
+
+
+def test_pin_cpu_cores_restricts_the_process_before_jax_starts():
+  """configs/demo.py's cpu_cores: XLA sizes its CPU thread pool by the cores the process may use, and that
+  changes the floating-point results; the pin is applied in a fresh process and recorded in summary.json."""
+  code = ("import os; from eva_jax.demo import pin_cpu_cores, machine_record; n = pin_cpu_cores(1); "
+          "print(n, len(os.sched_getaffinity(0)), machine_record()['cores'])")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.split() == ["1", "1", "1"], out.stderr[-2000:]
