@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eva_jax.utils import logs
 from eva_jax.utils.tree import keyed_like, string_keys
 
 KINDS = ("dit", "vae", "clip", "umt5", "idm")
@@ -394,7 +395,9 @@ def _from_orbax(spec: _Kind, path: pathlib.Path, fmt: str, targets: Mapping, whe
     item = path / "state" if (path / "state" / "_METADATA").exists() else path
   where = f"{where} ({item})"
   try:
-    tree = ocp.PyTreeCheckpointer().metadata(item.absolute())
+    # a Checkpointer step keeps _CHECKPOINT_METADATA one folder up, which orbax warns about here
+    with logs.without_library_warning("Metadata file does not exist"):
+      tree = ocp.PyTreeCheckpointer().metadata(item.absolute())
     tree = getattr(tree, "item_metadata", tree)
     tree = tree.tree if hasattr(tree, "tree") else tree
     if tree is None:

@@ -19,6 +19,7 @@ exists, to a fresh file under $EVA_JAX_LOG_DIR (default ~/.cache/eva_jax/logs).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -80,6 +81,23 @@ class _QuietFormatter(logging.Formatter):
     if record.exc_info:
       msg += "\n" + self.formatException(record.exc_info)
     return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+@contextlib.contextmanager
+def without_library_warning(prefix: str, logger: str = "absl"):
+  """Drops a library's log records that start with `prefix` inside the block: for a warning known to be
+  harmless at that one call (orbax's missing-metadata note when a tree is read from a checkpoint's item
+  folder), not to hide warnings in general."""
+  class _Drop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+      return not str(record.msg).startswith(prefix)
+
+  drop, target = _Drop(), logging.getLogger(logger)
+  target.addFilter(drop)
+  try:
+    yield
+  finally:
+    target.removeFilter(drop)
 
 
 def _terminal_handler() -> logging.Handler:
