@@ -168,6 +168,14 @@ def fill_from_wan_dir(config) -> None:
       config.ckpt[name] = str(path)
 
 
+CKPT_FIELDS = tuple(f"ckpt.{k}" for k in ("dit", "tuned", "vae", "clip", "umt5", "tokenizer", "lora"))
+
+
+def require_checkpoints(config, extra: tuple[str, ...] = ()) -> None:
+  """Every configured checkpoint path exists, checked before any model is built (seconds, not minutes)."""
+  weights.require_sources(config, CKPT_FIELDS + tuple(extra))
+
+
 def _sampler_config(config):
   from eva_jax.diffusion.sampler import SamplerConfig
   return SamplerConfig(**dict(config.sampler))
@@ -223,6 +231,7 @@ def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
   run_dir = pathlib.Path(workdir) if workdir else make_run_dir(config.output_root)
   run_dir.mkdir(parents=True, exist_ok=True)
   fill_from_wan_dir(config)
+  require_checkpoints(config)
   scfg = _sampler_config(config)
 
   csv_path = pathlib.Path(config.data.data_root) / config.data.metadata_path if config.data.metadata_path else None

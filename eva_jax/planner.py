@@ -152,6 +152,7 @@ def build_planner(config, workdir=None) -> Planner:
 
   run_dir = pathlib.Path(workdir) if workdir else pathlib.Path(config.output_root)
   inference.fill_from_wan_dir(config)
+  inference.require_checkpoints(config, ("idm.checkpoint",))
   if not config.ckpt.tokenizer:
     if not config.ckpt.random_init:
       raise ValueError("config.ckpt.tokenizer is empty: give the google/umt5-xxl tokenizer directory")

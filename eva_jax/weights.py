@@ -139,6 +139,18 @@ def _convert(module: str, name: str):
 # MARK: sources
 
 
+def require_sources(config, fields: tuple[str, ...]) -> None:
+  """Fails before anything is built or compiled when a configured weights source is missing: `fields` are
+  dotted config keys ('reward.idm_checkpoint'); an empty value or 'random' is not checked."""
+  for field in fields:
+    value = config
+    for part in field.split("."):
+      value = value.get(part, "") if hasattr(value, "get") else ""
+    if value and str(value) != "random" and not pathlib.Path(str(value)).expanduser().exists():
+      raise FileNotFoundError(f"config.{field}: weights source {value} does not exist (a PyTorch file or folder, "
+                              "an orbax directory from `python -m convert`, a trainer's run directory, or 'random')")
+
+
 def source_format(source: str | pathlib.Path) -> str:
   """'random', 'torch', 'converted' or 'run' (see the module docstring); raises for anything else."""
   text = str(source)

@@ -36,8 +36,10 @@ def main(argv):
   config = _CONFIG.value
   if not config.eval.checkpoint:
     raise SystemExit("error: set --config.eval.checkpoint (IDM_singleview.pt or a train_idm run directory)")
+  from eva_jax.utils import logs
   workdir = _WORKDIR.value or make_run_dir("outputs")
-  print(f"eval_idm: writing to {workdir}")
+  logs.set_log_dir(workdir)  # eva_jax.log, with the traceback of an error, in the run directory
+  print(f"eval_idm: writing to {workdir}", flush=True)
   summary = idm.evaluate(config, workdir)
   keys = ["num_episodes", "mae", "correct_rate", "loss"] + [f"mae/{j:02d}" for j in range(14)]
   keys += [f"{w}/{k}" for w in ("pred", "true") for k in ("reward", "total", "jerk", "acc", "vlim", "alim",

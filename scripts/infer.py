@@ -23,9 +23,12 @@ def main(argv):
   del argv
   from eva_jax.inference import run_inference
   from eva_jax.utils import logs
-  if _WORKDIR.value:
-    logs.set_log_dir(_WORKDIR.value)
-  videos = run_inference(_CONFIG.value, _WORKDIR.value)
+  from eva_jax.utils.rundir import make_run_dir
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or str(make_run_dir(config.output_root))
+  logs.set_log_dir(workdir)  # eva_jax.log, with the traceback of an error, in the run directory
+  print(f"infer: writing to {workdir}", flush=True)
+  videos = run_inference(config, workdir)
   if videos:
     print(f"infer: {len(videos)} video(s) in {pathlib.Path(videos[0]).parent}")
 

@@ -371,11 +371,82 @@ def test_train_idm_missing_data_root(tmp_path, capsys):
   assert "Traceback" in (run / "eva_jax.log").read_text()
 
 
-def test_infer_missing_image_csv(tmp_path, capsys):
+_IMAGE_CSV_HEADER = "image_path,height,width,fps,n_frames,caption\n"
+INFER_CASES = {
+    "missing_csv": (None, "image_csv {csv} does not exist"),
+    "empty_csv": ("", "missing column(s)"),
+    "missing_column": ("image_path,height,width\nimg.png,64,64\n", "missing column(s) ['fps', 'n_frames', 'caption']"),
+    "wrong_type": (_IMAGE_CSV_HEADER + "img.png,tall,64,16,17,a robot\n", "{csv} row 0: height/width/n_frames"),
+    "too_many_cells": (_IMAGE_CSV_HEADER + "img.png,64,64,16,17,a robot,extra\n", "{csv} row 0: more cells"),
+    "missing_image": (_IMAGE_CSV_HEADER + "nope.png,64,64,16,17,a robot\n", "image {root}/nope.png does not exist"),
+    "corrupt_image": (_IMAGE_CSV_HEADER + "bad.png,64,64,16,17,a robot\n", "image {root}/bad.png: not a readable image"),
+    "not_utf8": (_IMAGE_CSV_HEADER.encode() + b"\xff\xfe,64,64,16,17,x\n", "{csv}: not a UTF-8 text CSV"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INFER_CASES))
+def test_infer_bad_image_csv(tmp_path, capsys, case):
+  content, expected = INFER_CASES[case]
+  csv = tmp_path / "images.csv"
+  if content is not None:
+    (csv.write_bytes if isinstance(content, bytes) else csv.write_text)(content)
+  (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("{}")            # a previous run's outputs stay as they were
+  before = _digest(run)
   code, err = run_cli("scripts.infer", ["--config=configs/infer.py:tiny", f"--config.data.data_root={tmp_path}",
-                                        "--config.data.metadata_path=images.csv", f"--workdir={tmp_path / 'run'}"],
-                      capsys)
-  assert code == 1 and f"image_csv {tmp_path / 'images.csv'} does not exist" in err.splitlines()[-1], err
+                                        "--config.data.metadata_path=images.csv", f"--workdir={run}"], capsys)
+  assert code == 1 and expected.format(csv=csv, root=tmp_path) in err.splitlines()[-1], err
+  after = _digest(run)
+  assert after.pop("eva_jax.log") and after == before      # only the log (with the traceback) is new
+  assert "Traceback" in (run / "eva_jax.log").read_text()
+
+
+# Each entry point with a missing input: it stops within seconds (before building or compiling a model),
+# one line naming the config field and the path, and the run directory's earlier files are untouched.
+ENTRY_POINT_CASES = {
+    "train_sft": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.data.data_root={t}/none"],
+                  "metadata CSV {t}/none/robotwin_videos.csv does not exist"),
+    "train_sft_init": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.init.kind=lvp",
+                                             "--config.init.path={t}/lvp"], "config.init.path: weights source {t}/lvp"),
+    "train_vae": ("scripts.train_vae", ["--config=configs/vae.py:tiny", "--config.data.data_root={t}/none"],
+                  "config.data.data_root: {t}/none does not exist"),
+    "train_grpo": ("scripts.train_grpo", ["--config=configs/grpo.py:tiny", "--config.reward.idm_checkpoint={t}/idm"],
+                   "config.reward.idm_checkpoint: weights source {t}/idm does not exist"),
+    "train_grpo_base": ("scripts.train_grpo", ["--config=configs/grpo.py:tiny", "--config.reward.idm_checkpoint=random",
+                                               "--config.model.checkpoint={t}/sft"],
+                        "config.model.checkpoint: weights source {t}/sft does not exist"),
+    "train_idm": ("scripts.train_idm", ["--config=configs/idm.py:tiny", "--config.data.root={t}/episodes"],
+                  "{t}/episodes"),
+    "eval_idm": ("scripts.eval_idm", ["--config=configs/idm.py:tiny", "--config.eval.checkpoint={t}/idm"],
+                 "weights source {t}/idm does not exist"),
+    "infer_lora": ("scripts.infer", ["--config=configs/infer.py:tiny", "--config.ckpt.lora={t}/adapter"],
+                   "config.ckpt.lora: weights source {t}/adapter does not exist"),
+    "serve_planner": ("scripts.serve_planner", ["--config=configs/planner.py:tiny", "--config.ckpt.lora={t}/adapter",
+                                                "--config.output_root={t}/run"],
+                      "config.ckpt.lora: weights source {t}/adapter does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENTRY_POINT_CASES))
+def test_entry_point_missing_input(tmp_path, capsys, case):
+  import time
+  module, argv, expected = ENTRY_POINT_CASES[case]
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("{}")
+  (run / "checkpoints").mkdir()
+  (run / "checkpoints" / "note.txt").write_text("an earlier run's files")
+  before = _digest(run)
+  argv = [a.format(t=tmp_path) for a in argv]
+  if module != "scripts.serve_planner":
+    argv.append(f"--workdir={run}")
+  t0 = time.perf_counter()
+  code, err = run_cli(module, argv, capsys)
+  assert code == 1 and expected.format(t=tmp_path) in err.splitlines()[-1], err
+  assert time.perf_counter() - t0 < 30          # nothing was built or compiled first
+  assert {k: v for k, v in _digest(run).items() if "eva_jax.log" not in k} == before
 
 
 @pytest.mark.parametrize("argv, code, expected", [

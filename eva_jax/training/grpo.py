@@ -252,6 +252,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   """Runs (or resumes) GRPO in `workdir`; returns the last iteration's metrics."""
   if not config.reward.idm_checkpoint:  # fail before building anything
     load_idm(config, None)
+  weights.require_sources(config, ("reward.idm_checkpoint", "model.checkpoint", "vae.checkpoint",
+                                   "clip.checkpoint"))
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   save_config(workdir, config)

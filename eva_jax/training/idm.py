@@ -419,14 +419,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # the inputs first: a missing weights file or episode folder fails before config.json is (re)written
+  weights.require_sources(config, ("init.path",))
+  sources = prepare_data(config, workdir)
   if jax.process_index() == 0:
     save_config(workdir, config)
   logging.info("IDM training on %d devices (%d hosts), process %d", jax.device_count(),
                jax.process_count(), jax.process_index())
   mesh = parallel.make_mesh(dict(config.mesh))
   t = config.train
-
-  sources = prepare_data(config, workdir)
   d = config.data
   skipped = idm_dataset.skipped_episodes(pathlib.Path(d.tfds_dir) if d.tfds_dir else workdir / "tfds")
   if skipped:

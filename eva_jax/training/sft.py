@@ -376,6 +376,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   from eva_jax.utils.rundir import save_config
 
   workdir = Path(workdir)
+  # The inputs first: a missing weights file, a bad CSV or data root fails in a second, before any model is
+  # built or compiled and before the run directory's config.json is (re)written.
+  weights.require_sources(config, ("init.path", "vae.checkpoint", "clip.checkpoint"))
+  _, train_ds = _data(config, "training", True, config.train.batch_size, config.seed)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     save_config(workdir, config)
@@ -384,7 +388,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   mesh = parallel.make_mesh(dict(config.mesh))
   wan_cfg = build_wan_config(config.model)
   trainer, cond = _trainer_and_conditioner(config, wan_cfg, mesh)
-  _, train_ds = _data(config, "training", True, config.train.batch_size, config.seed)
   data_iter = iter(train_ds)
   use_eval = config.eval.every > 0
   ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints,
