@@ -51,7 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (the IDM then sees the observed frame; the tiny/demo runs keep it).
       decode_clean_first=False,
       # The DiT's cross-attention K/V (512 text + 257 CLIP tokens) once per rollout instead of at each of
-      # the num_steps steps: the same rollouts (tests/test_train_grpo.py), less work per step.
+      # the num_steps steps: the same rollouts (tests/test_fusions.py). Measured on the demo's toy DiT
+      # (2 cores): 1.89 s per rollout batch against 1.98 s; the update, whose K/V carry LoRA gradients,
+      # recomputes them per timestep (hoisting them there with their VJP gave 7.65 s against 7.7 s).
       cache_context_kv=True))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -211,3 +211,4 @@ def test_grpo_rollout_with_cached_context_kv_equals_recomputing(fused):
   (lat, lps), (lat_kv, lps_kv) = both(lora_s, base_s)
   assert rel_err(lat_kv, lat) <= 1e-6 and float(jnp.max(jnp.abs(lps_kv - lps))) <= 1e-4
   assert float(jnp.abs(lat[:, -1] - lat[:, 0]).max()) > 0.1   # the policy moved the latents
+

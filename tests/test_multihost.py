@@ -1,4 +1,4 @@
-"""The multi-host path on one machine: 2 processes × 4 CPU devices train a few SFT steps through
+"""The multi-host path on one machine: 2 processes × 2 CPU devices train a few SFT steps through
 jax.distributed (gloo collectives), save a sharded orbax checkpoint from both processes, and a second
 launch restores it and continues."""
 
@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _launch(workdir, data_root, steps):
-  cmd = [sys.executable, str(ROOT / "scripts/launch/local_cpu.py"), "--processes", "2", "--devices", "4",
+  cmd = [sys.executable, str(ROOT / "scripts/launch/local_cpu.py"), "--processes", "2", "--devices", "2",
          "--timeout", "600", "--", "scripts/train_sft.py", "--config=configs/sft.py:tiny",
          f"--config.data.data_root={data_root}", f"--config.train.num_steps={steps}",
          "--config.train.checkpoint_every=2", "--config.train.log_every=1", "--config.eval.every=1000",
@@ -46,7 +46,7 @@ def test_two_processes_train_save_and_resume(tmp_path):
 
 
 def test_two_process_grpo(tmp_path):
-  """GRPO on 2 processes × 4 devices: rewards and videos gathered across hosts before they are read,
+  """GRPO on 2 processes × 2 devices: rewards and videos gathered across hosts before they are read,
   one metrics line per iteration (process 0 writes), the adapter exported once."""
   from flax import nnx
 
@@ -56,7 +56,7 @@ def test_two_process_grpo(tmp_path):
   with Checkpointer(tmp_path / "idm", async_save=False) as ck:
     ck.save(1, {"model_state_dict": nnx.to_pure_dict(nnx.state(idm))})
   run = tmp_path / "run"
-  cmd = [sys.executable, str(ROOT / "scripts/launch/local_cpu.py"), "--processes", "2", "--devices", "4",
+  cmd = [sys.executable, str(ROOT / "scripts/launch/local_cpu.py"), "--processes", "2", "--devices", "2",
          "--timeout", "600", "--", "scripts/train_grpo.py", "--config=configs/grpo.py:tiny",
          f"--config.reward.idm_checkpoint={tmp_path / 'idm'}", "--config.num_iterations=2",
          "--config.sample.eval_every=0", "--config.log.video_every=1", f"--workdir={run}"]

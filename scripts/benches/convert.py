@@ -1,6 +1,6 @@
 """Peak memory of `python -m convert --kind dit` on a synthetic checkpoint with the real i2v-14B tensor shapes.
 
-  python scripts/bench.py convert --size tiny     # 2 layers of i2v-14B (about 2.1 GB as bf16 safetensors)
+  python scripts/bench.py convert --size tiny     # 1 layer of i2v-14B (about 1.1 GB as bf16 safetensors)
   python scripts/bench.py convert --size eva      # 4 layers
 
 The checkpoint is written shard by shard (embeddings, then one shard per block, plus the index json) in bf16, as
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-LAYERS = {"tiny": 2, "eva": 4, "wan": 8, "custom": 2}
+LAYERS = {"tiny": 1, "eva": 4, "wan": 8, "custom": 2}
 
 
 def _write_checkpoint(folder: str, cfg) -> dict:
