@@ -355,6 +355,23 @@ def test_prepare_robotwin_skip_corrupt(tmp_path, capsys, caplog):
   assert sorted(p.name for p in (data.parent / "video").iterdir()) == ["episode0.mp4", "episode2.mp4"]
 
 
+def test_cache_embeddings_corrupt_video_names_row_and_file(tmp_path, capsys):
+  from eva_jax.data import toyworld
+  root = tmp_path / "toy"
+  toyworld.generate_dataset(root, num_episodes=3, seed=0, size=32, n_frames=5, val_fraction=0.0)
+  csv = root / toyworld.CSV_NAME
+  rows = metadata.read_metadata(csv)
+  bad = root / rows[1]["video_path"]
+  bad.write_bytes(bad.read_bytes()[:300])                 # a truncated mp4
+  before = _digest(root)
+  code, err = run_cli("scripts.cache_embeddings", ["--config=configs/cache_embeddings.py:tiny",
+                                                   f"--config.data_root={root}", f"--config.metadata_path={csv.name}",
+                                                   "--config.prompts=False", "--config.vae_latents=True"], capsys)
+  last = err.splitlines()[-1]
+  assert code == 1 and "metadata row 1" in last and f"cannot open video {bad}" in last, err
+  assert _digest(root) == before                          # the CSV and every file as they were
+
+
 def test_cache_embeddings_missing_csv(tmp_path, capsys):
   csv = tmp_path / "none.csv"
   code, err = run_cli("scripts.cache_embeddings", ["--config=configs/cache_embeddings.py:tiny",

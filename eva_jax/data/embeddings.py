@@ -241,7 +241,13 @@ def first_frame(path: Path, height: int, width: int, camera: str = "head_camera"
   suffix = path.suffix.lower()
   if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
     from PIL import Image
-    frame = np.asarray(Image.open(path).convert("RGB"))
+    if not path.is_file():
+      raise FileNotFoundError(f"image {path} does not exist")
+    try:
+      with Image.open(path) as im:
+        frame = np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or non-image files
+      raise ValueError(f"image {path}: not a readable image ({type(e).__name__}: {e})") from None
   elif suffix in (".hdf5", ".h5"):
     from eva_jax.data.robotwin import decode_frame, read_jpeg_bytes
     frame = decode_frame(read_jpeg_bytes(path, camera)[0][0], path=path, index=0)
@@ -280,6 +286,13 @@ def _vae_model(config, model=None):
   return model, cfg
 
 
+def _row_first_frame(config, rows, media: str, root: Path, i: int) -> np.ndarray:
+  try:
+    return first_frame(root / rows[i][media], config.height, config.width, config.camera)
+  except (OSError, ValueError, KeyError) as e:  # the reader names the file; add the CSV row
+    raise ValueError(f"metadata row {i} ({media}={rows[i][media]!r}): {e}") from None
+
+
 def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model=None) -> None:
   """CLIP features or VAE latents of each row's first frame."""
   # pylint: disable=g-import-not-at-top
@@ -313,8 +326,7 @@ def _cache_frames(config, rows, media, root: Path, kind: str, stats: dict, model
   bs = config.batch_size
   bar = progress(total=len(todo), desc=f"{kind} first frames")
   for batch in _batches(todo, bs):
-    frames = np.stack([first_frame(root / rows[i][media], config.height, config.width, config.camera)
-                       for i in batch])
+    frames = np.stack([_row_first_frame(config, rows, media, root, i) for i in batch])
     frames = np.pad(frames, ((0, bs - len(batch)),) + ((0, 0),) * 3)  # static batch shape
     out = jax.device_get(encode(model, jnp.asarray(frames)))
     for j, i in enumerate(batch):

@@ -87,11 +87,11 @@ def read_video(path: str | os.PathLike, indices=None) -> tuple[np.ndarray, float
           frames.append(frame.to_ndarray(format="rgb24"))
         if wanted is not None and i >= wanted[-1]:
           break
-  except ValueError as e:
-    if str(path) in str(e):
-      raise
-    raise ValueError(f"cannot decode video {path} (after frame {i}): {_one_line(e)}") from e
-  except Exception as e:  # av raises several error types; name the file and the frame
+  except Exception as e:  # av raises several error types (its InvalidDataError is a ValueError too)
+    if isinstance(e, ValueError) and not isinstance(e, av.error.FFmpegError):
+      if str(path) in str(e):  # ours, above
+        raise
+      raise ValueError(f"cannot decode video {path} (after frame {i}): {_one_line(e)}") from e
     where = "cannot open" if i < 0 else f"frame {i + 1} does not decode in"
     raise ValueError(f"{where} video {path}: {_one_line(e)}") from e
   if not frames:

@@ -255,15 +255,28 @@ def report(exc: BaseException, prog: str = "eva_jax") -> pathlib.Path:
   return path
 
 
+def _close_progress_bars() -> None:
+  """Closes the bars an error left open, so their last redraw comes before the error line, not after it
+  (the error must be the last line on the terminal)."""
+  std = sys.modules.get("tqdm.std")
+  for bar in list(getattr(getattr(std, "tqdm", None), "_instances", None) or []):
+    try:
+      bar.close()
+    except Exception:  # noqa: BLE001  a broken bar must not hide the error being reported
+      pass
+
+
 def guarded(main: Callable[[], object], prog: str = "eva_jax") -> int:
   """Runs `main()`; returns its int result (0 for None). An exception is reported (one line) -> 1;
   Ctrl-C -> 130. SystemExit passes through (the entry points' own usage errors)."""
   try:
     result = main()
   except KeyboardInterrupt:
+    _close_progress_bars()
     sys.stderr.write("\ninterrupted\n")
     return 130
   except Exception as exc:  # every error: one line on the terminal, the traceback in the file
+    _close_progress_bars()
     report(exc, prog)
     return 1
   finally:
