@@ -566,8 +566,7 @@ def machine_record() -> dict[str, Any]:
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
   except (OSError, StopIteration):
     pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"cpu": cpu, "cores": cores, "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+  return {"cpu": cpu, "cores": _usable_cores(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
           "devices": jax.device_count()}
 
 
@@ -581,6 +580,10 @@ def pin_cpu_cores(n: int) -> int:
       logging.warning("cpu_cores=%d: only %d core(s) available; the results may differ from a %d-core run",
                       n, len(allowed), n)
     os.sched_setaffinity(0, allowed[:n])
+  return _usable_cores()
+
+
+def _usable_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

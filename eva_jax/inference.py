@@ -67,18 +67,8 @@ def read_image_csv(path: str | pathlib.Path) -> list[dict[str, Any]]:
 def load_first_frame(path: str | pathlib.Path, height: int, width: int, mode: str = "stretch") -> np.ndarray:
   """Image -> float32 [height, width, 3] in [-1, 1], resized by `mode` (eva_jax.data.images.fit_image):
   'stretch' is EVA's image_csv transform (Resize((H, W)), bicubic); 'crop' and 'pad' keep the aspect."""
-  from PIL import Image
-
-  from eva_jax.data.images import fit_image
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"image {path} does not exist")
-  try:
-    with Image.open(path) as im:
-      rgb = np.asarray(im.convert("RGB"))
-  except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated or non-image files
-    raise ValueError(f"image {path}: not a readable image ({type(e).__name__}: {e})") from None
-  img = fit_image(rgb, height, width, mode)
+  from eva_jax.data.images import fit_image, read_image
+  img = fit_image(read_image(path), height, width, mode)
   return img.astype(np.float32) / 127.5 - 1.0
 
 

@@ -240,14 +240,8 @@ def first_frame(path: Path, height: int, width: int, camera: str = "head_camera"
   from eva_jax.data.video_dataset import resize_frames, to_unit_range
   suffix = path.suffix.lower()
   if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
-    from PIL import Image
-    if not path.is_file():
-      raise FileNotFoundError(f"image {path} does not exist")
-    try:
-      with Image.open(path) as im:
-        frame = np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or non-image files
-      raise ValueError(f"image {path}: not a readable image ({type(e).__name__}: {e})") from None
+    from eva_jax.data.images import read_image
+    frame = read_image(path)
   elif suffix in (".hdf5", ".h5"):
     from eva_jax.data.robotwin import decode_frame, read_jpeg_bytes
     frame = decode_frame(read_jpeg_bytes(path, camera)[0][0], path=path, index=0)

@@ -17,6 +17,21 @@ import numpy as np
 RESIZE_MODES = ("stretch", "crop", "pad")
 
 
+def read_image(path) -> np.ndarray:
+  """An image file as uint8 [H, W, 3] RGB; a missing, truncated or non-image file raises naming it."""
+  import pathlib
+
+  from PIL import Image
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"image {path} does not exist")
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or non-image files
+    raise ValueError(f"image {path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
 def fit_image(image: np.ndarray, height: int, width: int, mode: str = "stretch") -> np.ndarray:
   """uint8 [h, w, 3] -> uint8 [height, width, 3] by `mode` (see the module docstring)."""
   from PIL import Image

@@ -339,11 +339,15 @@ def set_joint_stats(model: idm_lib.IDM, mean: np.ndarray, std: np.ndarray) -> No
   model.train_std[...] = jnp.asarray(std, jnp.float32)
 
 
+def _tfds_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(config.data.tfds_dir) if config.data.tfds_dir else workdir / "tfds"
+
+
 def prepare_data(config, workdir: pathlib.Path) -> dict[str, Any]:
   """{split: record source}: a prepared TFDS directory (config.data.tfds_dir) or built once from the
   HDF5 episodes under config.data.root into workdir/tfds."""
   d = config.data
-  tfds_dir = pathlib.Path(d.tfds_dir) if d.tfds_dir else workdir / "tfds"
+  tfds_dir = _tfds_dir(config, workdir)
   try:
     return idm_dataset.load_idm_sources(tfds_dir)
   except FileNotFoundError:
@@ -429,7 +433,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   mesh = parallel.make_mesh(dict(config.mesh))
   t = config.train
   d = config.data
-  skipped = idm_dataset.skipped_episodes(pathlib.Path(d.tfds_dir) if d.tfds_dir else workdir / "tfds")
+  skipped = idm_dataset.skipped_episodes(_tfds_dir(config, workdir))
   if skipped:
     logging.warning("the IDM dataset leaves out %d unreadable episode(s) (skip_corrupt_episodes), e.g. %s",
                     len(skipped), skipped[0]["path"])
