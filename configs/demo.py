@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       idm_episodes=384))
 
   # Stage sizes: steps and batch sizes handed to each trainer's tiny config.
-  c.vae = ml_collections.ConfigDict(dict(num_steps=300, batch_size=8, learning_rate=1e-3))
+  # eval_every: validation before step 1 and every so many steps (0 = at the end only).
+  c.vae = ml_collections.ConfigDict(dict(num_steps=300, batch_size=8, learning_rate=1e-3, eval_every=0))
   # image_size: the IDM's input resize (configs/idm.py:tiny: two stages, a 4×4 map at 32 px).
   c.idm = ml_collections.ConfigDict(dict(num_steps=3000, batch_size=32, learning_rate=3e-3,
                                          image_size=32))
@@ -60,13 +61,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # iteration at ~5.6 s on 2 cores; 24 iterations of 32 rollouts (16 of each of 2 first frames) lift
   # the rise above the rollout noise (with 8 rollouts it was lost on some seeds).
   # timestep_fraction 1: EVA trains 39 of 40 steps; int(0.99·4) would leave the last step untrained.
+  # eval_every: the held-out reward (rollouts of their own random keys, so training is unchanged) at
+  # iterations 0 and 12; checkpoint_every: resumable every 6 iterations (the tiny config's 1 and 2
+  # cost the shortened run ~30 s of its ~4 min GRPO stage).
   # beta 0 (Flow-GRPO's own default; EVA: 0.004): EVA's KL pull holds the toy policy ~0.05 from the SFT
   # model, where it balances the reward's (64 px shortened run, seed 0: rise +0.30 with 0.004, +0.56
   # without). docs/demo.md, "GRPO on the toy world", has every measurement.
   c.grpo = ml_collections.ConfigDict(dict(num_iterations=24, group_size=16, num_prompts=2,
                                           num_sampling_steps=4, learning_rate=1e-2, num_conditions=4,
                                           clip_range=1e-2, num_inner_epochs=4, timestep_fraction=1.0,
-                                          beta=0.0))
+                                          beta=0.0, eval_every=12, checkpoint_every=6))
 
   # Report: how many sampled videos to show before/after alignment, frames per strip.
   c.report = ml_collections.ConfigDict(dict(num_samples=4, max_frames=9, gif_scale=3))
@@ -80,9 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.shortened = ml_collections.ConfigDict(dict(
       data=dict(num_episodes=32, size=64, n_frames=17, val_fraction=0.125, idm_episodes=960),
       vae=dict(num_steps=300, batch_size=8),
-      idm=dict(num_steps=1500, batch_size=32),
+      idm=dict(num_steps=1000, batch_size=32),
       sft=dict(num_steps=400, batch_size=8),
-      grpo=dict(num_conditions=2),
+      grpo=dict(num_conditions=2, eval_every=0),
       report=dict(num_samples=2, max_frames=5, gif_scale=2),
   ))
   return c

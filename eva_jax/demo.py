@@ -186,7 +186,7 @@ def _vae_overrides(ctx: DemoContext) -> dict[str, Any]:
   return {"data.data_root": str(ctx.data_root), "data.metadata_path": toyworld.CSV_NAME,
           "data.height": d.size, "data.width": d.size, "data.n_frames": d.n_frames,
           "seed": ctx.config.seed, "train.num_steps": c.num_steps, "train.batch_size": c.batch_size,
-          "optim.learning_rate": c.learning_rate}
+          "optim.learning_rate": c.learning_rate, "eval.every": c.eval_every or c.num_steps}
 
 
 def _vae_checkpoint(ctx: DemoContext) -> dict[str, Any]:
@@ -245,7 +245,7 @@ def _grpo_overrides(ctx: DemoContext) -> dict[str, Any]:
           "sample.latent_height": d.size // 8, "sample.latent_width": d.size // 8,
           "optim.learning_rate": c.learning_rate, "train.clip_range": c.clip_range,
           "train.num_inner_epochs": c.num_inner_epochs, "train.timestep_fraction": c.timestep_fraction,
-          "train.beta": c.beta,
+          "train.beta": c.beta, "sample.eval_every": c.eval_every, "log.checkpoint_every": c.checkpoint_every,
           # Rollout videos at the first iteration (the SFT model) and the last one (aligned).
           "log.video_every": c.num_iterations, "log.num_videos": ctx.config.report.num_samples,
           "log.plot_every": c.num_iterations, **_vae_checkpoint(ctx)}

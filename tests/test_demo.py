@@ -41,7 +41,7 @@ def test_short_flag_swaps_in_the_shortened_sizes():
   cfg = demo_config.get_config()
   cfg.short = True  # what --config.short=True does
   short = demo.resolve_config(cfg)
-  assert (short.data.num_episodes, short.data.size, short.idm.num_steps) == (32, 64, 1500)
+  assert (short.data.num_episodes, short.data.size, short.idm.num_steps) == (32, 64, 1000)
   assert short.data.smooth_fraction == full.data.smooth_fraction  # untouched fields kept
   assert demo.resolve_config(demo_config.get_config("short")).grpo.num_conditions == 2
   bad = demo_config.get_config("short")

@@ -11,11 +11,11 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _launch(workdir, data_root, steps):
+def _launch(workdir, data_root, steps, eval_every):
   cmd = [sys.executable, str(ROOT / "scripts/launch/local_cpu.py"), "--processes", "2", "--devices", "2",
          "--timeout", "600", "--", "scripts/train_sft.py", "--config=configs/sft.py:tiny",
          f"--config.data.data_root={data_root}", f"--config.train.num_steps={steps}",
-         "--config.train.checkpoint_every=2", "--config.train.log_every=1", "--config.eval.every=1000",
+         "--config.train.checkpoint_every=2", "--config.train.log_every=1", f"--config.eval.every={eval_every}",
          "--config.train.batch_size=8", f"--workdir={workdir}"]
   # No compilation cache shared by the launches: only process 0 writes that cache, so on the second launch
   # process 0 starts training minutes before process 1 (which compiles again) and gloo's 30 s connection
@@ -30,13 +30,13 @@ def test_two_processes_train_save_and_resume(tmp_path):
   toyworld.generate_dataset(data, num_episodes=10, seed=0, size=32, n_frames=5, val_fraction=0.2)
   run = tmp_path / "run"
 
-  first = _launch(run, data, steps=2)
+  first = _launch(run, data, steps=2, eval_every=0)   # no validation: its compile is paid once, below
   assert first.returncode == 0, first.stdout[-3000:]
   assert "[0]" in first.stdout and "[1]" in first.stdout        # both processes ran
   steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2]
 
-  second = _launch(run, data, steps=4)
+  second = _launch(run, data, steps=4, eval_every=1000)  # validation at the last step, on both processes
   assert second.returncode == 0, second.stdout[-3000:]
   assert "resumed" in second.stdout.lower()
   steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
