@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import h5py
 import numpy as np
@@ -116,11 +117,15 @@ def test_length_mismatch_names_file_and_lengths(tmp_path):
     robotwin.write_episode(tmp_path / "bad.hdf5", frames, np.zeros((4, 13)))
 
 
-def test_tfds_dataset_windows_and_grain_resume(episodes, tmp_path):
+def test_tfds_dataset_windows_and_grain_resume(episodes, tmp_path, caplog):
   _, paths = episodes
   splits = idm_dataset.split_episodes(paths, val_fraction=0.34, seed=0)
   assert len(splits["val"]) == 1 and len(splits["train"]) == 2
-  idm_dataset.build_idm_dataset(splits, tmp_path / "tfds")
+  with caplog.at_level(logging.INFO):
+    built = idm_dataset.build_idm_dataset(splits, tmp_path / "tfds")
+  # the log names where the dataset lands, not the staging folder it is built in
+  ours = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prepar")]
+  assert ours == [f"preparing the robotwin_idm dataset in {built}", f"prepared the robotwin_idm dataset in {built}"]
   sources = idm_dataset.load_idm_sources(tmp_path / "tfds")
   n_train = sum(robotwin.episode_length(p) for p in splits["train"])
   assert len(sources["train"]) == n_train and len(sources["val"]) == robotwin.episode_length(splits["val"][0])

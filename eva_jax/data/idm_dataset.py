@@ -58,7 +58,9 @@ class RobotwinIdm(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def __init__(self, *, episodes: Mapping[str, Sequence[str | os.PathLike]] | None = None,
-               camera: str = "head_camera", skip_corrupt: bool = False, **kwargs):
+               camera: str = "head_camera", skip_corrupt: bool = False, location: str | os.PathLike | None = None,
+               **kwargs):
+    self._location = location  # where the build will land (it is made in a staging folder first)
     self._episodes = {k: [str(p) for p in v] for k, v in (episodes or {}).items()}
     self._camera = camera
     self._skip_corrupt = skip_corrupt
@@ -69,10 +71,10 @@ class RobotwinIdm(tfds.core.GeneratorBasedBuilder):
   # tfds prints these two lines to stdout whatever the logging level: here they go to the log instead
   # (the entry points print the dataset's location themselves).
   def _log_download_bytes(self) -> None:
-    logging.info("preparing the %s dataset in %s", self.name, self.data_dir)
+    logging.info("preparing the %s dataset in %s", self.name, self._location or self.data_dir)
 
   def _log_download_done(self) -> None:
-    logging.info("prepared the %s dataset in %s", self.name, self.data_dir)
+    logging.info("prepared the %s dataset in %s", self.name, self._location or self.data_dir)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -149,7 +151,8 @@ def build_idm_dataset(episodes: Sequence[str | os.PathLike] | Mapping[str, Seque
   final.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}-building-", dir=final.parent))
   try:
-    builder = RobotwinIdm(episodes=splits, camera=camera, skip_corrupt=skip_corrupt, data_dir=str(staging))
+    builder = RobotwinIdm(episodes=splits, camera=camera, skip_corrupt=skip_corrupt, location=final,
+                          data_dir=str(staging))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     built = pathlib.Path(builder.data_dir)
     with atomic_path(built / SKIPPED_FILE) as tmp:
