@@ -62,8 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the rise above the rollout noise (with 8 rollouts it was lost on some seeds).
   # timestep_fraction 1: EVA trains 39 of 40 steps; int(0.99·4) would leave the last step untrained.
   # eval_every: the held-out reward (rollouts of their own random keys, so training is unchanged) at
-  # iterations 0 and 12; checkpoint_every: resumable every 6 iterations (the tiny config's 1 and 2
-  # cost the shortened run ~30 s of its ~4 min GRPO stage).
+  # iterations 0 and 12 (the shortened run skips it); checkpoint_every: resumable every 6 iterations.
+  # The tiny config's eval every 2 and checkpoint every 1 iteration cost the shortened run ~30 s of its
+  # ~4 min GRPO stage inside the suite.
   # beta 0 (Flow-GRPO's own default; EVA: 0.004): EVA's KL pull holds the toy policy ~0.05 from the SFT
   # model, where it balances the reward's (64 px shortened run, seed 0: rise +0.30 with 0.004, +0.56
   # without). docs/demo.md, "GRPO on the toy world", has every measurement.
