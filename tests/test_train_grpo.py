@@ -111,7 +111,8 @@ def test_csv_conditions_encode_first_frames(tmp_path):
   gdef, state = grpo.build_vae(c, make_mesh({"data": -1}))
   wan_cfg = wan_config("tiny-i2v")
   first, cond = conditions.csv_conditions(c, wan_cfg, gdef, state)
-  assert first.shape == (2, 1, 4, 4, 16) and cond["clip_fea"].shape == (2, 257, wan_cfg.image_dim)
+  assert first.shape == (2, 1, 4, 4, 16) and cond["clip_fea"].shape == (2, 1, wan_cfg.image_dim)  # clip.source zeros
+  assert not cond["clip_fea"].any()
   assert not np.allclose(first[0], first[1])                       # different first frames
   # The text stand-in is SFT's: a fixed Gaussian per caption (crc32 seed).
   ref = np.random.default_rng(zlib.crc32(b"task 1")).standard_normal((16, wan_cfg.text_dim))

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from convert.wan_dit import convert_dit_state_dict
-from eva_jax.models.wan import WanModel, wan_config
+from eva_jax.models.wan import WanModel, wan_config, zero_clip_features
 from eva_jax.models.wan.attention import attention, chunked_attention, cudnn_attention, pad_kv
 from tests.utils import rel_err, to_numpy
 
@@ -169,6 +169,26 @@ def test_i2v_without_y_means_zeros(refs):
   x, t, ctx, clip, y = inputs("tiny-i2v")
   model = build("tiny-i2v", sd)
   np.testing.assert_array_equal(run(model, x, t, ctx, clip, None), run(model, x, t, ctx, clip, np.zeros_like(y)))
+
+
+def test_one_zero_clip_token_equals_257(refs):
+  """clip.source='zeros' feeds one zero CLIP token (zero_clip_features): Wan's 257 zero tokens all embed to the
+  same key and value, so the output and the parameter gradients are those of the 257."""
+  _, sd = refs["tiny-i2v"]
+  x, t, ctx, _, y = inputs("tiny-i2v", seed=6)
+  dim = wan_config("tiny-i2v").image_dim
+  one = zero_clip_features(B, dim)
+  assert one.shape == (B, 1, dim) and not one.any()
+  many = np.zeros((B, 257, dim), np.float32)
+  model = build("tiny-i2v", sd)
+  assert rel_err(run(model, x, t, ctx, one, y), run(model, x, t, ctx, many, y)) <= 1e-5
+
+  @nnx.jit
+  def grads(model, clip):
+    loss = lambda m: jnp.mean(m(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx), clip, jnp.asarray(y)) ** 2)
+    return jnp.concatenate([g.ravel() for g in jax.tree.leaves(nnx.to_pure_dict(nnx.grad(loss)(model)))])
+  g1, g257 = grads(model, jnp.asarray(one)), grads(model, jnp.asarray(many))
+  assert rel_err(g1, g257) <= 1e-5
 
 
 # MARK: execution variants

@@ -5,7 +5,8 @@
   starts = RolloutStarts(config, wan_cfg); recs, frames, texts = starts(it, rows)   # EVA's random starts
 
 `first` is [N, 1, h, w, 16] (the VAE latent of frame 0), `cond` is {'context': [N, L, text_dim],
-'clip_fea': [N, 257, image_dim]}. `config` is configs/grpo.py's (`data`, `sample`, `seed`).
+'clip_fea': [N, 257, image_dim]} ([N, 1, image_dim] for clip.source 'zeros': `zero_clip_features`).
+`config` is configs/grpo.py's (`data`, `sample`, `seed`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 
 from eva_jax.data.embeddings import load_prompt_embedding
 from eva_jax.data.metadata import load_records
+from eva_jax.models.wan import zero_clip_features
 
 
 def synthetic_conditions(config, wan_cfg, index: jax.Array):
@@ -65,8 +67,8 @@ def csv_conditions(config, wan_cfg, vae_gdef, vae_state, clip_encode=None) -> tu
   (`prompt_embed_path`, data.text_source 'cached'; .npy from scripts/cache_embeddings.py or EVA's .pt)
   or, for smoke runs, the fixed Gaussian embedding per caption that SFT's text.source='synthetic' uses.
   CLIP features: `clip_encode(frame [1, H, W, 3] in [-1, 1]) -> [1, 257, image_dim]` of the same first
-  frame (EVA: the rollout, ratio and KL passes all see CLIP of frame 0), or zeros without an encoder
-  (clip.source 'zeros', smoke runs).
+  frame (EVA: the rollout, ratio and KL passes all see CLIP of frame 0), or one zero token without an
+  encoder (clip.source 'zeros', smoke runs: `zero_clip_features`).
   """
   d, s = config.data, config.sample
   root = pathlib.Path(d.data_root)
@@ -91,7 +93,7 @@ def csv_conditions(config, wan_cfg, vae_gdef, vae_state, clip_encode=None) -> tu
     else:
       texts.append(caption_text(rec.get("caption", ""), d.text_tokens, wan_cfg.text_dim))
   n = len(records)
-  clip_fea = np.stack(clips) if clips else np.zeros((n, 257, wan_cfg.image_dim), np.float32)
+  clip_fea = np.stack(clips) if clips else zero_clip_features(n, wan_cfg.image_dim)
   return np.stack(firsts), dict(context=np.stack(texts).astype(np.float32), clip_fea=clip_fea)
 
 

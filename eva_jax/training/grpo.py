@@ -35,6 +35,7 @@ from eva_jax import weights
 from eva_jax.data import conditions
 from eva_jax.diffusion.schedules import wan_timesteps
 from eva_jax.models.lora import LoRAParam, disable_lora, export_peft
+from eva_jax.models.wan import zero_clip_features
 from eva_jax.parallel import make_mesh, named_sharding
 from eva_jax.rl import grpo as grpo_lib
 from eva_jax.rl import reward as reward_lib
@@ -150,7 +151,7 @@ class _StartBatches:
     if self.clip_encode is not None:
       clip = self.clip_encode(video[:, 0])
     else:
-      clip = self._global(np.zeros((len(self.rows), 257, self.image_dim), np.float32))
+      clip = self._global(zero_clip_features(len(self.rows), self.image_dim))
     return first, dict(context=self._global(texts.astype(np.float32)), clip_fea=clip)
 
 

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_jax import parallel, weights
+from eva_jax.models.wan import zero_clip_features
 from eva_jax.training.optim import make_optimizer
 
 Batch = Mapping[str, jax.Array]
@@ -338,7 +339,7 @@ class Conditioner:
         feats = self._clip(jax.make_array_from_process_local_data(sh, batch["video"]))
         out["clip_fea"] = self._to_host(feats, parallel.named_sharding(self.mesh, ("act_batch", None, None)))
       elif self.config.clip.source == "zeros":
-        out["clip_fea"] = np.zeros((b, 257, self.wan_cfg.image_dim), np.float32)
+        out["clip_fea"] = zero_clip_features(b, self.wan_cfg.image_dim)
       else:
         raise ValueError("batch has no 'clip_fea': set clip.source='online' (EVA), data.load_clip_embed=True "
                          "with clip.source='cached', or clip.source='zeros' (smoke runs)")

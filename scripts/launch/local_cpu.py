@@ -6,7 +6,8 @@
 Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, so the script's
 `jax.distributed.initialize()` (scripts/_common.py) forms one 2×4 = 8-device job; cross-process
 collectives run over gloo. Output lines are prefixed with the process index. If one process fails, the
-others are stopped and the launcher exits with that process's code.
+others are stopped and the launcher exits with that process's code. The caller's $XLA_FLAGS are passed on
+with the device count set to --devices.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def xla_flags_with_devices(flags: str, devices: int) -> str:
+  """The caller's XLA flags with the CPU device count set to `devices` (any earlier count replaced)."""
+  kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def _pump(proc: subprocess.Popen, index: int):
   for line in proc.stdout:
     sys.stdout.write(f"[{index}] {line}")
@@ -41,7 +48,7 @@ def launch(cmd: list[str], processes: int, devices: int, timeout: float | None =
   for i in range(processes):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags_with_devices(os.environ.get("XLA_FLAGS", ""), devices))
     env.pop("EVA_JAX_NO_DISTRIBUTED", None)
     procs.append(subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))

@@ -4,9 +4,9 @@ Model and loader are imported on first use (PEP 562) so that eva_jax.models.lora
 eva_jax.models.wan.layers, can be imported first without a cycle.
 """
 
-from eva_jax.models.wan.config import PRESETS, WanConfig, wan_config
+from eva_jax.models.wan.config import PRESETS, WanConfig, wan_config, zero_clip_features
 
-__all__ = ["PRESETS", "WanConfig", "WanModel", "abstract_dit", "wan_config"]
+__all__ = ["PRESETS", "WanConfig", "WanModel", "abstract_dit", "wan_config", "zero_clip_features"]
 
 
 def __getattr__(name):

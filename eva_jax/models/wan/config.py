@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from eva_jax.models.wan.attention import BACKENDS as ATTENTION_BACKENDS, parse_backend
 REMAT_POLICIES = ("none", "full", "dots", "offload")
@@ -148,3 +149,15 @@ def wan_config(name: str = "t2v-1.3b", **overrides) -> WanConfig:
     if k in values:
       values[k] = tuple(values[k])
   return WanConfig(**values)
+
+
+def zero_clip_features(batch: int, image_dim: int) -> np.ndarray:
+  """The image context of clip.source='zeros' (smoke runs, the toy demo): one zero CLIP token per example,
+  [batch, 1, image_dim].
+
+  Every zero token embeds to the same key and value, so the image cross-attention over Wan's 257 of them
+  gives what it gives over one (softmax weights 1/257 each on one value; the gradients sum the same way).
+  One token is that model at a fraction of the cost: the demo's toy-i2v DiT, forward+backward of 8 clips on
+  2 CPU cores, 214 ms with 257 zero tokens, 110 ms with one (outputs equal to 2e-6 relative).
+  """
+  return np.zeros((batch, 1, image_dim), np.float32)
