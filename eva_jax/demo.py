@@ -50,11 +50,13 @@ class StageResult:
   status: str = "pending"       # done | unavailable | skipped | failed
   detail: str = ""
   seconds: float = 0.0
+  cpu_seconds: float = 0.0      # this process's user + system CPU time in the stage (XLA's threads included)
   metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
   outputs: dict[str, Any] = dataclasses.field(default_factory=dict)   # arrays for the report
 
   def to_json(self) -> dict[str, Any]:
     return {"status": self.status, "detail": self.detail, "seconds": round(self.seconds, 2),
+            "cpu_seconds": round(self.cpu_seconds, 1),
             "metrics": self.metrics}
 
 
@@ -450,7 +452,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
       _log(f"[{name}] skipped: needs {missing}")
       continue
     _log(f"[{name}] running ...")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     try:
       result = fn(ctx)
     except StageUnavailable as e:
@@ -460,9 +462,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
       log.parent.mkdir(parents=True, exist_ok=True)
       log.write_text(traceback.format_exc())
       result = StageResult(name, "failed", f"{type(e).__name__}: {e} (traceback in {log})")
-    result.seconds = time.perf_counter() - t0
+    result.seconds, result.cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - cpu0
     ctx.results[name] = result
-    _log(f"[{name}] {result.status} in {result.seconds:.1f} s: {result.detail}")
+    _log(f"[{name}] {result.status} in {result.seconds:.1f} s ({result.cpu_seconds:.0f} CPU-s): {result.detail}")
   summary = write_report(ctx)
   failed = [n for n, r in ctx.results.items() if r.status == "failed"]
   if failed:
@@ -597,6 +599,12 @@ def _write_clip(stem: Path, frames: np.ndarray, gif_scale: int) -> list[Path]:
           plots.save_gif(stem.with_suffix(".gif"), frames, fps=toyworld.FPS, scale=gif_scale)]
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process so far: a stage's cost independent of what else the machine runs."""
+  t = os.times()
+  return t.user + t.system
+
+
 def _fmt(v: Any) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
@@ -608,11 +616,11 @@ def _fmt(v: Any) -> str:
 def _summary_markdown(summary: dict[str, Any]) -> str:
   lines = [f"# EVA demo on the toy world (seed {summary['seed']}"
            + (", shortened run)" if summary["short"] else ")"), "",
-           "| stage | status | time (s) | result |", "|---|---|---|---|"]
+           "| stage | status | time (s) | CPU (s) | result |", "|---|---|---|---|---|"]
   for name, r in summary["stages"].items():
     shown = {k: v for k, v in r["metrics"].items() if not isinstance(v, list)}
     result = ", ".join(f"{k} = {_fmt(v)}" for k, v in shown.items()) or r["detail"]
-    lines.append(f"| {name} | {r['status']} | {r['seconds']:.1f} | {result} |")
+    lines.append(f"| {name} | {r['status']} | {r['seconds']:.1f} | {r.get('cpu_seconds', 0):.0f} | {result} |")
   if summary["stages"].get("vae", {}).get("status") != "done" and any(
       summary["stages"].get(n, {}).get("status") == "done" for n in ("sft", "grpo")):
     lines += ["", "Note: no fitted VAE, so the world model ran on a random-weight tiny VAE; its decoded "

@@ -52,18 +52,19 @@ def run(size: str, args) -> dict:
   inputs = (x, jnp.array([500.0]), jnp.zeros((1, 16, base.text_dim)), jnp.zeros((1, 257, base.image_dim)))
   results = {}
   depths = dict(DEPTHS)
-  if getattr(args, "quick", False):  # test runs: the loop's growth already shows at 4 layers
-    depths[False] = (2, 4)
+  if getattr(args, "quick", False):  # test runs: the harness, at depths whose growth (or not) already shows
+    depths = {True: (2, 8), False: (2, 4)}
   for scan in (True, False):
     for depth in depths[scan]:
       cfg = wan_config("tiny-i2v", num_layers=depth, scan_layers=scan, remat="full")
       results[f"{'scan' if scan else 'loop'}_{depth}"] = _measure(cfg, inputs)
-  # A real forward of the 40-layer scanned model, to record run time next to compile time.
-  model = WanModel(wan_config("tiny-i2v", num_layers=40), rngs=nnx.Rngs(0))
+  # A real forward of the deepest scanned model, to record run time next to compile time.
+  deep = depths[True][1]
+  model = WanModel(wan_config("tiny-i2v", num_layers=deep), rngs=nnx.Rngs(0))
   fwd = nnx.jit(lambda m, *xs: m(*xs))
-  results["scan_40_forward"] = time_fn(fwd, model, *inputs, warmup=1, iters=3)
-  s2, s40 = results["scan_2"], results["scan_40"]
-  return {"results": results, "jax": results["scan_40_forward"],
-          "note": (f"scan fwd+bwd compile 2->40 layers: {s2['fwd_bwd_compile_s']:.2f}s -> "
-                   f"{s40['fwd_bwd_compile_s']:.2f}s; loop: {results['loop_2']['fwd_bwd_compile_s']:.2f}s -> "
+  results[f"scan_{deep}_forward"] = time_fn(fwd, model, *inputs, warmup=1, iters=3)
+  s2, sd = results["scan_2"], results[f"scan_{deep}"]
+  return {"results": results, "jax": results[f"scan_{deep}_forward"],
+          "note": (f"scan fwd+bwd compile 2->{deep} layers: {s2['fwd_bwd_compile_s']:.2f}s -> "
+                   f"{sd['fwd_bwd_compile_s']:.2f}s; loop: {results['loop_2']['fwd_bwd_compile_s']:.2f}s -> "
                    f"{results[f'loop_{depths[False][1]}']['fwd_bwd_compile_s']:.2f}s ({depths[False][1]} layers)")}
