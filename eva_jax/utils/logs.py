@@ -13,7 +13,7 @@ Verbosity (`--verbosity=N` or EVA_JAX_VERBOSITY=N; the flag wins):
   2            DEBUG as well.
 
 An error prints `error: <what went wrong> (traceback: <log file>)` as the last line on stderr and the
-process exits with status 1. The traceback goes to the run's log file, or, before a run directory
+process exits with status 1 (2 for a bad config value, eva_jax/utils/checks.py). The traceback goes to the run's log file, or, before a run directory
 exists, to a fresh file under $EVA_JAX_LOG_DIR (default ~/.cache/eva_jax/logs).
 """
 
@@ -298,7 +298,8 @@ def _close_progress_bars() -> None:
 
 
 def guarded(main: Callable[[], object], prog: str = "eva_jax") -> int:
-  """Runs `main()`; returns its int result (0 for None). An exception is reported (one line) -> 1;
+  """Runs `main()`; returns its int result (0 for None). An exception is reported (one line) -> 1 (2 for
+  a ConfigError: a config field the code cannot run with);
   Ctrl-C -> 130. SystemExit passes through (the entry points' own usage errors)."""
   _S.prog, _S.late_log = prog, None
   try:
@@ -310,7 +311,8 @@ def guarded(main: Callable[[], object], prog: str = "eva_jax") -> int:
   except Exception as exc:  # every error: one line on the terminal, the traceback in the file
     _close_progress_bars()
     report(exc, prog)
-    return 1
+    from eva_jax.utils.checks import ConfigError
+    return 2 if isinstance(exc, ConfigError) else 1  # a bad config value is a usage error, like a bad flag
   finally:
     _S.late_log = log_file() or _S.late_log  # library noise after the end (at exit) goes there too
     set_log_dir(None)
