@@ -120,6 +120,12 @@ CSV_CASES = {
     "empty_required": (HEADER + "a.mp4,x,4,4,16,\n", "required column 'n_frames' is empty"),
     "extra_cells": (HEADER + "a.mp4,x,4,4,16,5,9\n", "more cells than the 6 header columns"),
     "binary": (b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00", "not a UTF-8 text CSV"),
+    # values that parse but cannot describe a video: they failed later as a negative frame index
+    "zero_fps": (HEADER + "a.mp4,x,4,4,0,5\n", "row 0 (video_path='a.mp4'): column 'fps' must be a finite number > 0"),
+    "negative_frames": (HEADER + "a.mp4,x,4,4,16,-5\n", "column 'n_frames' must be an integer >= 1, found '-5'"),
+    "zero_height": (HEADER + "a.mp4,x,0,4,16,5\n", "column 'height' must be an integer >= 1"),
+    "trim_order": ("video_path,caption,height,width,fps,n_frames,trim_start,trim_end\na.mp4,x,4,4,16,5,4,2\n",
+                   "column 'trim_end' (2) must be greater than 'trim_start' (4)"),
 }
 
 
@@ -178,6 +184,13 @@ def test_video_reader_names_the_file(tmp_path, case, reader):
   assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
 
 
+def test_video_shorter_than_asked_names_its_length(tmp_path):
+  path = video.write_video(tmp_path / "clip.mp4", np.zeros((4, 16, 16, 3), np.uint8), fps=8)
+  for wanted in ([2, 9], [7, 9]):  # some frames past the end, or all of them
+    with pytest.raises(ValueError, match=rf"video {path}: asked for frames up to 9 but it has 4 of them"):
+      video.read_video(path, wanted)
+
+
 def test_failed_video_write_leaves_nothing(tmp_path):
   with pytest.raises(ValueError):
     video.write_video(tmp_path / "v.mp4", np.zeros((2, 4, 4, 5), np.uint8))
@@ -221,6 +234,46 @@ def test_cached_embedding_reader_names_the_file(tmp_path, case):
     embeddings.load_prompt_embedding(path, text_len=8)
   assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
   assert not embeddings.is_valid_file(path, lambda shape: True) or case in ("wrong_dim", "no_rows")
+
+
+def _loader_records(tmp_path, shapes):
+  from eva_jax.data import video_dataset
+  recs = []
+  for i, shape in enumerate(shapes):
+    np.save(tmp_path / f"p{i}.npy", np.ones(shape, np.float32))
+    recs.append(dict(row=i, video_path=f"v{i}.mp4", caption="x", height=8, width=8, fps=16.0, n_frames=5,
+                     prompt_embed_path=f"p{i}.npy"))
+  return recs, functools.partial(video_dataset.ExampleLoader, tmp_path, dict(
+      height=8, width=8, n_frames=5, load_prompt_embed=True, max_text_tokens=8, decode_video=False))
+
+
+def test_cached_embedding_of_another_width_names_the_row(tmp_path):
+  """A prompt cache made with another umT5 (or one odd file) fails naming the row, not as grain's 'Expected all
+  input elements to have the same structure' or a matmul shape error after compiling."""
+  recs, loader = _loader_records(tmp_path, [(3, 24), (3, 24), (5, 7)])
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match=r"metadata row 0 .*has shape \(3, 24\); expected \[L <= 8 "
+                                       r"\(data.max_text_tokens\), 32\]"):
+    loader(prompt_dim=32)(recs[0], rng)
+  odd = loader()
+  odd(recs[0], rng), odd(recs[1], rng)
+  with pytest.raises(ValueError, match=r"metadata row 2 \(video_path='v2.mp4'\): array 'prompt_embeds' has shape "
+                                       r"\(8, 7\), but metadata row 0 \(video_path='v0.mp4'\) gave \(8, 24\)"):
+    odd(recs[2], rng)
+
+
+def test_cache_embeddings_checks_the_csv_before_writing(tmp_path):
+  from configs import cache_embeddings as cfg
+  config = cfg.get_config("tiny")
+  csv = tmp_path / "meta.csv"
+  config.metadata_path = str(csv)
+  for text, expected in ((HEADER, "no data rows under the header"),
+                         (HEADER + "a.mp4,x,tall,4,16,5\n", "row 0 (video_path='a.mp4'): column 'height'")):
+    csv.write_text(text)
+    with pytest.raises(ValueError) as e:
+      embeddings.cache_embeddings(config)
+    assert str(csv) in str(e.value) and expected in str(e.value)
+    assert csv.read_text() == text and sorted(os.listdir(tmp_path)) == ["meta.csv"]
 
 
 # MARK: python -m convert
@@ -478,6 +531,26 @@ def test_command_line_errors_are_one_line(capsys, argv, code, expected):
   assert got == code and expected in err.strip().splitlines()[-1] and "Traceback" not in err, err
 
 
+def test_prepare_robotwin_bad_flags(tmp_path, capsys):
+  (tmp_path / "out").mkdir()
+  for flag, expected in (("--fps=-1", "flag --fps=-1: -1.0 is not a non-negative number"),
+                         ("--val_fraction=2", "flag --val_fraction=2: 2.0 is not a number in the range [0.0, 1.0]"),
+                         ("--instruction_index=-5", "flag --instruction_index=-5"),
+                         (f"--output_csv={tmp_path / 'out'}", "must be a CSV file path, not a directory")):
+    code, err = run_cli("scripts.prepare_robotwin", [f"--root={tmp_path}", flag], capsys)
+    assert code == 2 and expected in err.strip().splitlines()[-1], err
+
+
+def test_atomic_path_to_a_folder_or_under_a_file(tmp_path):
+  from eva_jax.utils.files import atomic_path
+  (tmp_path / "afile").write_text("x")
+  for path, expected in ((tmp_path, "it is a directory"), (tmp_path / "afile" / "m.csv", "a file is in the way")):
+    with pytest.raises(OSError, match=expected):
+      with atomic_path(path):
+        pass
+  assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
 def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
   from eva_jax.utils.files import atomic_path
   from eva_jax.utils.rundir import save_config
@@ -510,6 +583,15 @@ def test_idm_build_names_a_corrupt_middle_frame_and_leaves_nothing(tmp_path):
   with pytest.raises(FileNotFoundError, match="no prepared robotwin_idm dataset"):
     idm_dataset.load_idm_sources(tmp_path / "tfds")
   assert [p.name for p in (tmp_path / "tfds" / idm_dataset.DATASET_NAME).iterdir()] == []  # no staging left
+
+
+def test_idm_build_names_an_episode_of_another_frame_size(tmp_path):
+  from eva_jax.data import idm_dataset
+  splits = _idm_episodes(tmp_path, n=2)
+  big = tmp_path / "episode2.hdf5"
+  robotwin.write_episode(big, np.zeros((N, 12, 12, 3), np.uint8), np.zeros((N, 14)))
+  with pytest.raises(ValueError, match=rf"{big}: frame 0 is 12x12, but the frames of .*episode0.hdf5 are 8x8"):
+    idm_dataset.build_idm_dataset({"train": splits["train"] + [str(big)]}, tmp_path / "tfds")
 
 
 def test_idm_build_skips_corrupt_episodes_when_asked(tmp_path):
