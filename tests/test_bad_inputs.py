@@ -354,6 +354,7 @@ CONVERT_CASES = {
                        "{src} is not a safetensors index json"),
     "unknown_format": (lambda d: _write(d / "w.txt", b"x"), "{src}: unknown checkpoint format"),
     "empty_dir": (lambda d: (d / "empty").mkdir() or d / "empty", "{src}: expected *.safetensors"),
+    "empty_file": (lambda d: _write(d / "w.pth", b""), "checkpoint {src} is empty (0 bytes)"),
 }
 
 
@@ -372,6 +373,36 @@ def test_convert_cli_bad_source(tmp_path, capsys, case):
   code, err = run_cli("convert", ["--kind", "idm", "--src", str(src), "--out", str(out), "--overwrite"], capsys)
   assert code == 1 and expected.format(src=src) in err.splitlines()[-1], err
   assert _digest(out) == {"keep.txt": hashlib.sha256(b"old").hexdigest()}
+
+
+def test_convert_refuses_nan_weights_and_bad_overrides(tmp_path, monkeypatch, capsys):
+  from convert.cli import main
+  import convert.wan
+  _fake_converter(monkeypatch)
+  monkeypatch.setattr(convert.wan, "convert_vae_state_dict",
+                      lambda sd, cfg: {"a": {"0": np.zeros(4, np.float32), "1": np.array([1, np.nan], np.float32)}})
+  out = tmp_path / "vae"
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(out), "--quiet"]) == 1
+  assert "parameter a/1 of the source holds NaN / inf values" in capsys.readouterr().err.splitlines()[-1]
+  assert os.listdir(tmp_path) == []                                  # nothing written
+  assert main(["--kind", "dit", "--config", "tiny-i2v", "--set", "num_layers=abc", "--src", "x.pth",
+               "--out", str(out)]) == 1
+  assert "--set num_layers='abc': expected a value of type int" in capsys.readouterr().err.splitlines()[-1]
+  (tmp_path / "afile").write_text("x")
+  _fake_converter(monkeypatch)
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(tmp_path / "afile" / "vae"), "--quiet"]) == 1
+  assert f"cannot create its folder {tmp_path / 'afile'}" in capsys.readouterr().err.splitlines()[-1]
+
+
+# MARK: adapters
+
+
+def test_lora_adapter_that_is_not_safetensors(tmp_path):
+  from eva_jax.models import lora
+  path = tmp_path / "adapter_model.safetensors"
+  path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+  with pytest.raises(ValueError, match=f"LoRA adapter {path} is not a readable safetensors file"):
+    lora._read_adapter(str(tmp_path))  # pylint: disable=protected-access
 
 
 # MARK: entry points
