@@ -394,7 +394,37 @@ def test_convert_refuses_nan_weights_and_bad_overrides(tmp_path, monkeypatch, ca
   assert f"cannot create its folder {tmp_path / 'afile'}" in capsys.readouterr().err.splitlines()[-1]
 
 
-# MARK: adapters
+# MARK: weights from the wrong kind of run
+
+
+def _fake_run(folder, config_module):
+  """A trainer's run directory as weights.load sees it (config.json and a numbered step), without training."""
+  import importlib
+  from eva_jax.utils.rundir import save_config
+  (folder / "checkpoints" / "2" / "state").mkdir(parents=True)
+  save_config(folder, importlib.import_module(config_module).get_config("tiny"))
+  return folder
+
+
+@pytest.mark.parametrize("module, argv, run_of, expected", [
+    ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.init.kind=orbax", "--config.init.path={run}"],
+     "configs.vae", "config.init.path: dit weights {run}: this is a train_vae run directory"),
+    ("scripts.train_grpo", ["--config=configs/grpo.py:tiny", "--config.reward.idm_checkpoint={run}"],
+     "configs.sft", "config.reward.idm_checkpoint: idm weights {run}: this is a train_sft run directory"),
+    ("scripts.eval_idm", ["--config=configs/idm.py:tiny", "--config.eval.checkpoint={run}"],
+     "configs.vae", "idm weights {run}: this is a train_vae run directory (its config.json), which holds vae"),
+    ("convert", ["--kind", "dit", "--to-torch", "--src", "{run}", "--out", "{t}/dit.safetensors"],
+     "configs.idm", "dit weights {run}: this is a train_idm run directory"),
+], ids=["sft_init_vae_run", "grpo_reward_sft_run", "eval_idm_vae_run", "export_idm_run"])
+def test_weights_from_another_trainers_run(tmp_path, capsys, module, argv, run_of, expected):
+  run = _fake_run(tmp_path / "run", run_of)
+  before = _digest(run)
+  argv = [a.format(run=run, t=tmp_path) for a in argv]
+  if module != "convert":
+    argv.append(f"--workdir={tmp_path / 'out'}")
+  code, err = run_cli(module, argv, capsys)
+  assert code == 1 and expected.format(run=run) in err.splitlines()[-1], err
+  assert _digest(run) == before
 
 
 def test_lora_adapter_that_is_not_safetensors(tmp_path):
@@ -509,7 +539,7 @@ def test_infer_bad_image_csv(tmp_path, capsys, case):
 ENTRY_POINT_CASES = {
     "train_sft": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.data.data_root={t}/none"],
                   "metadata CSV {t}/none/robotwin_videos.csv does not exist"),
-    "train_sft_init": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.init.kind=lvp",
+    "train_sft_init": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.init.kind=orbax",
                                              "--config.init.path={t}/lvp"], "config.init.path: weights source {t}/lvp"),
     "train_vae": ("scripts.train_vae", ["--config=configs/vae.py:tiny", "--config.data.data_root={t}/none"],
                   "config.data.data_root: {t}/none does not exist"),
