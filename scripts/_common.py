@@ -49,7 +49,8 @@ def resolve_config_path(spec: str) -> str:
   p = pathlib.Path(path).expanduser()
   if not p.is_absolute():
     if not p.exists() and not (ROOT / path).exists():
-      _usage_error(f"config file {path} not found in {pathlib.Path.cwd()} or in {ROOT}")
+      where = {str(pathlib.Path.cwd().resolve()), str(ROOT)}  # one folder when run from the checkout
+      _usage_error(f"config file {path} not found in {' or in '.join(sorted(where))}")
     p = p.resolve() if p.exists() else ROOT / path
   elif not p.exists():
     _usage_error(f"config file {p} not found")

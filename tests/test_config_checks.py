@@ -167,3 +167,11 @@ def test_rules():
     checks.check({"mesh": {"data": -1, "fsdp": -1}}, checks.COMMON)
   checks.check({"train": {"batch_size": 2}, "other": {"batch_size": -1}}, checks.COMMON)  # only listed fields
   assert json.dumps(sorted(checks.DTYPES))  # every model section's dtype fields
+
+
+def test_missing_config_file_names_each_folder_once(capsys, monkeypatch):
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1]
+  monkeypatch.chdir(root)
+  code, err = run_cli("scripts.train_idm", ["--config=configs/nope.py"], capsys)
+  assert code == 2 and err.strip().splitlines()[-1] == f"error: config file configs/nope.py not found in {root}", err
