@@ -51,7 +51,27 @@ def _parse_value(text: str) -> Any:
 def build_config(kind: str, name: str | None, overrides: dict[str, Any]):
   _, _, cfg_module, cfg_fn, default = KINDS[kind]
   fn = getattr(importlib.import_module(cfg_module), cfg_fn)
+  base = fn(name or default)
+  for key, value in overrides.items():  # `--set num_layers=abc` fails here, not as a shape error inside a model
+    if hasattr(base, key) and not _same_kind(getattr(base, key), value):
+      current = getattr(base, key)
+      raise ValueError(f"--set {key}={value!r}: expected a value of type {type(current).__name__}, like the preset's "
+                       f"{key}={current!r}")
   return fn(name or default, **overrides)
+
+
+def _same_kind(current: Any, value: Any) -> bool:
+  if isinstance(current, bool):
+    return isinstance(value, bool)
+  if isinstance(current, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(current, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(current, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  if isinstance(current, str):
+    return isinstance(value, str)
+  return True  # dtypes and other objects: the config builder converts (or rejects) the value
 
 
 def _flatten(tree, prefix=()) -> Iterator[tuple[tuple, Any]]:
@@ -94,6 +114,7 @@ def stream_to_orbax(items: Iterable[tuple[tuple, np.ndarray]], out: str, *, batc
   for path, arr in items:
     # orbax wants string keys; integer keys (unscanned layer lists) become their decimal string
     path = tuple(str(p) for p in path)
+    _check_finite(arr, "/".join(path))
     if size and size + arr.nbytes > batch_bytes:
       flush()
     batch.append((path, arr))
@@ -114,12 +135,29 @@ def stream_to_orbax(items: Iterable[tuple[tuple, np.ndarray]], out: str, *, batc
   return stats
 
 
+def _check_finite(arr: np.ndarray, name: str, chunk: int = 1 << 24) -> None:
+  """No NaN / inf in a converted tensor (a damaged source file); checked in slices, so the check adds no
+  copy of the largest tensor to the converter's peak memory."""
+  if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name.startswith(("bfloat16", "float8"))):
+    return
+  flat = arr.reshape(-1)
+  for start in range(0, flat.size, chunk):
+    part = np.asarray(flat[start:start + chunk], np.float32)
+    if not np.isfinite(part).all():
+      first = start + int(np.argmin(np.isfinite(part)))
+      raise ValueError(f"parameter {name} of the source holds NaN / inf values (first at flat index {first}); "
+                       "the checkpoint file is damaged or was saved after a diverged run")
+
+
 def _staging_dir(out: str) -> str:
   """A fresh folder `<name>.incomplete-<pid>/` next to `out` (same filesystem, so the final rename is
   atomic) that holds the checkpoint being written and orbax's own `.partial_save` folders; stale ones of
   killed runs (their process gone) are removed."""
   parent, name = os.path.split(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:  # a path component is a file, no permission
+    raise OSError(f"--out {out}: cannot create its folder {parent} ({e.strerror or e})") from None
   prefix = f"{name}.incomplete-"
   for entry in os.listdir(parent):
     if entry.startswith(prefix) and entry[len(prefix):].isdigit() and not _alive(int(entry[len(prefix):])):

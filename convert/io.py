@@ -131,6 +131,8 @@ def open_state_dict(src: str) -> LazyStateDict:
   src = os.fspath(src)
   if not os.path.exists(src):
     raise FileNotFoundError(f"checkpoint {src} does not exist")
+  if os.path.isfile(src) and os.path.getsize(src) == 0:
+    raise ValueError(f"checkpoint {src} is empty (0 bytes): a download or copy that did not finish?")
   if os.path.isdir(src):
     indexes = sorted(glob.glob(os.path.join(src, "*.safetensors.index.json")))
     if len(indexes) > 1:

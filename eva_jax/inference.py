@@ -32,6 +32,7 @@ from flax import nnx
 
 from eva_jax import weights
 from eva_jax.data.metadata import read_csv_rows
+from eva_jax.utils import checks
 
 IMAGE_CSV_COLUMNS = ("image_path", "height", "width", "fps", "n_frames", "caption")
 
@@ -161,9 +162,33 @@ def fill_from_wan_dir(config) -> None:
 CKPT_FIELDS = tuple(f"ckpt.{k}" for k in ("dit", "tuned", "vae", "clip", "umt5", "tokenizer", "lora"))
 
 
+# Fields of configs/infer.py and configs/planner.py beyond the shared ones (the sampler checks its own sizes,
+# steps and solver in SamplerConfig); eva_jax/serving.py adds the server's.
+CONFIG_RULES = {
+    "fps": checks.number(0, lo_open=True),
+    "data.batch_size": checks.integer(1),
+    "data.limit": checks.integer(0),
+    "data.resize": checks.one_of("stretch", "crop", "pad"),
+    "sampler.hist_len": checks.integer(1),
+    "sampler.shift": checks.number(0, lo_open=True),
+    "sampler.hist_guidance": checks.number(),
+    "sampler.lang_guidance": checks.number(),
+}
+
+
+def check_config(config, *more) -> None:
+  checks.check(config, checks.COMMON, CONFIG_RULES, *more)
+
+
 def require_checkpoints(config, extra: tuple[str, ...] = ()) -> None:
   """Every configured checkpoint path exists, checked before any model is built (seconds, not minutes)."""
-  weights.require_sources(config, CKPT_FIELDS + tuple(extra))
+  weights.require_sources(config, CKPT_FIELDS + tuple(extra), kinds={"ckpt.dit": "dit", "ckpt.tuned": "dit",
+                                                                     "ckpt.vae": "vae", "ckpt.clip": "clip",
+                                                                     "ckpt.umt5": "umt5", "idm.checkpoint": "idm"})
+  neg = config.get("neg_prompt_embed_path")
+  if neg and not pathlib.Path(neg).is_file():
+    raise FileNotFoundError(f"config.neg_prompt_embed_path: {neg} does not exist (the negative prompt's cached "
+                            "umT5 embedding, a .npy from scripts/cache_embeddings.py)")
 
 
 def _sampler_config(config):
@@ -218,6 +243,7 @@ def run_inference(config, workdir: Optional[str] = None) -> list[pathlib.Path]:
   from eva_jax.parallel import make_mesh
   from eva_jax.utils.rundir import make_run_dir, save_config
 
+  check_config(config)
   run_dir = pathlib.Path(workdir) if workdir else make_run_dir(config.output_root)
   run_dir.mkdir(parents=True, exist_ok=True)
   fill_from_wan_dir(config)

@@ -26,6 +26,7 @@ from absl import logging
 
 from eva_jax import planner as planner_lib
 from eva_jax.data import video as video_io
+from eva_jax.utils import checks
 
 
 class RequestError(ValueError):
@@ -263,9 +264,24 @@ def create_app(service: PlanService, *, defaults: planner_lib.PlanOptions = plan
   return app
 
 
+SERVER_RULES = {  # configs/planner.py's `server` (checked with eva_jax.inference.check_config's fields)
+    "server.port": checks.integer(0, 65535),
+    "server.batch_size": checks.integer(1),
+    "server.max_queue": checks.integer(1),
+    "server.max_segments": checks.integer(1),
+    "server.max_steps": checks.integer(1),
+    "server.max_guidance": checks.number(0),
+    "server.max_aspect_change": checks.number(1),
+    "server.batch_wait_s": checks.number(0),
+}
+
+
 def build_service_app(config, workdir=None):
   """Loads the models, compiles with a warm-up plan, and returns (app, startup_info)."""
+  from eva_jax import inference
   from eva_jax.utils.rundir import make_run_dir
+
+  inference.check_config(config, SERVER_RULES)  # before the run directory exists
 
   t0 = time.perf_counter()
   run_dir = pathlib.Path(workdir) if workdir else make_run_dir(config.output_root)

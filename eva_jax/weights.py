@@ -139,16 +139,26 @@ def _convert(module: str, name: str):
 # MARK: sources
 
 
-def require_sources(config, fields: tuple[str, ...]) -> None:
+def require_sources(config, fields: tuple[str, ...], kinds: Mapping[str, str] | None = None) -> None:
   """Fails before anything is built or compiled when a configured weights source is missing: `fields` are
-  dotted config keys ('reward.idm_checkpoint'); an empty value or 'random' is not checked."""
+  dotted config keys ('reward.idm_checkpoint'); an empty value or 'random' is not checked. `kinds` maps a field
+  to the model kind it must hold: a trainer's run directory of another kind (a VAE run as the DiT's init) fails
+  here too, naming the field."""
   for field in fields:
     value = config
     for part in field.split("."):
       value = value.get(part, "") if hasattr(value, "get") else ""
-    if value and str(value) != "random" and not pathlib.Path(str(value)).expanduser().exists():
+    if not value or str(value) == "random":
+      continue
+    if not pathlib.Path(str(value)).expanduser().exists():
       raise FileNotFoundError(f"config.{field}: weights source {value} does not exist (a PyTorch file or folder, "
                               "an orbax directory from `python -m convert`, a trainer's run directory, or 'random')")
+    kind = (kinds or {}).get(field)
+    if kind is not None and pathlib.Path(str(value)).is_dir() and _checkpoint_root(pathlib.Path(str(value))):
+      try:
+        _check_run_kind(kind, value)
+      except WeightsError as e:
+        raise WeightsError(f"config.{field}: {e}") from None
 
 
 def source_format(source: str | pathlib.Path) -> str:
@@ -231,6 +241,8 @@ def load(kind: str, source: str | pathlib.Path, cfg=None, *, mesh=None, dtype=No
   spec = _kind(kind)
   fmt = source_format(source)
   where = f"{kind} weights {source}"
+  if fmt == "run":
+    _check_run_kind(kind, source)
   if cfg is None:
     cfg = _config_from_source(kind, spec, source, fmt, default_cfg)
     if overrides:
@@ -262,11 +274,39 @@ def load_module(kind: str, source, cfg=None, **kwargs) -> nnx.Module:
   return model
 
 
+# Sections only one trainer's config.json has: which trainer wrote a run directory, and the model it holds.
+_TRAINERS = (("train_grpo", ("reward", "sample"), "a LoRA adapter (its lora_adapter/)"),
+             ("train_sft", ("diffusion",), "dit"), ("train_idm", ("augment",), "idm"),
+             ("train_vae", ("loss", "vae"), "vae"))
+
+
+def run_trainer(run) -> tuple[str, str] | None:
+  """(trainer, the model kind its checkpoints hold) of a run's config.json, None when unknown."""
+  for trainer, sections, holds in _TRAINERS:
+    if all(k in run for k in sections):
+      return trainer, holds
+  return None
+
+
+def _check_run_kind(kind: str, source) -> None:
+  """A run of another trainer given as this kind's weights (a VAE run as DiT init, an SFT run as the reward
+  IDM) fails naming what the run is, instead of a missing parameter or a config field it lacks."""
+  run = read_run_config(source)
+  found = run_trainer(run) if run is not None else None
+  if found is not None and found[1] != kind:
+    raise WeightsError(f"{kind} weights {source}: this is a {found[0]} run directory (its config.json), which "
+                       f"holds {found[1]} weights, not {kind} weights")
+
+
 def _config_from_source(kind: str, spec: _Kind, source, fmt: str, default_cfg):
   if fmt == "run" and spec.run_config is not None:
     run = read_run_config(source)
     if run is not None:
-      return spec.run_config(run)
+      try:
+        return spec.run_config(run)
+      except (AttributeError, KeyError, TypeError, ValueError) as e:  # a config.json without the model's fields
+        raise WeightsError(f"{kind} weights {source}: its config.json does not describe a {kind} model "
+                           f"({type(e).__name__}: {e})") from None
   if fmt == "torch" and kind == "idm":  # the release checkpoint states its own architecture
     from convert.idm import infer_idm_config
     return infer_idm_config(_torch_state_dict(kind, pathlib.Path(source)))

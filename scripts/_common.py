@@ -49,7 +49,8 @@ def resolve_config_path(spec: str) -> str:
   p = pathlib.Path(path).expanduser()
   if not p.is_absolute():
     if not p.exists() and not (ROOT / path).exists():
-      _usage_error(f"config file {path} not found in {pathlib.Path.cwd()} or in {ROOT}")
+      where = {str(pathlib.Path.cwd().resolve()), str(ROOT)}  # one folder when run from the checkout
+      _usage_error(f"config file {path} not found in {' or in '.join(sorted(where))}")
     p = p.resolve() if p.exists() else ROOT / path
   elif not p.exists():
     _usage_error(f"config file {p} not found")
@@ -65,6 +66,36 @@ def config_flag(default: str | None, name: str = "config", help_string: str = "m
     _CONFIG_FLAGS.append(name)
   _CONFIG_DEFAULTS[name] = default or ""
   return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+
+
+def workdir_problem(value: str | None) -> str | None:
+  """Why `value` cannot be a run directory (None when it can): a file, under a file, not writable."""
+  if not value:
+    return None
+  path = pathlib.Path(value).expanduser()
+  if path.exists() and not path.is_dir():
+    return "is a file, not a directory (a new run directory, or an earlier run's to resume)"
+  probe = path
+  while not probe.exists():  # the nearest folder that exists: where the run directory would be made
+    probe = probe.parent
+  if not probe.is_dir():
+    return f"cannot be created: {probe} is a file"
+  if not os.access(probe, os.W_OK | os.X_OK):
+    return f"{'is' if probe == path else 'cannot be created: ' + str(probe) + ' is'} not writable"
+  return None
+
+
+def workdir_flag(help_string: str):
+  """`--workdir`, checked when the command line is parsed: a bad one is a usage error naming the flag."""
+  holder = flags.DEFINE_string("workdir", None, help_string)
+
+  def valid(value):
+    problem = workdir_problem(value)
+    if problem:
+      raise flags.ValidationError(problem)
+    return True
+  flags.register_validator("workdir", valid)
+  return holder
 
 
 def _defined_config_flags() -> list[str]:
@@ -233,7 +264,7 @@ def trainer_cli(config_default: str, module: str, name: str, check=None):
   built (raise SystemExit with the message)."""
   doc = sys._getframe(1).f_globals.get("__doc__")  # pylint: disable=protected-access  (the script's)
   config = config_flag(config_default)
-  workdir = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds checkpoints)")
+  workdir = workdir_flag("run directory (resumes if it holds checkpoints)")
 
   def main(argv):
     del argv

@@ -7,13 +7,12 @@ metadata CSV and adds their paths to it. Usage and options: configs/cache_embedd
 
 if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
   import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
-from scripts._common import config_flag, run  # noqa: E402
-from absl import flags
+from scripts._common import config_flag, run, workdir_flag  # noqa: E402
 
 from eva_jax.data.embeddings import cache_embeddings
 
 _CONFIG = config_flag("configs/cache_embeddings.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "scratch folder (tiny tokenizer); default: the data root")
+_WORKDIR = workdir_flag("scratch folder (tiny tokenizer); default: the data root")
 
 
 def main(argv):

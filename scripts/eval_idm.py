@@ -22,11 +22,10 @@ from __future__ import annotations
 
 if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checkout's root on sys.path
   import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
-from scripts._common import config_flag, run  # noqa: E402
-from absl import flags
+from scripts._common import config_flag, run, workdir_flag  # noqa: E402
 
 _CONFIG = config_flag("configs/idm.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_WORKDIR = workdir_flag("output directory")
 
 
 def main(argv):

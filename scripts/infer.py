@@ -11,12 +11,10 @@ if __package__ in (None, ""):  # run as a file (python scripts/x.py): the checko
   import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
 import pathlib  # noqa: E402
 
-from absl import flags  # noqa: E402
-
-from scripts._common import config_flag, run  # noqa: E402
+from scripts._common import config_flag, run, workdir_flag  # noqa: E402
 
 _CONFIG = config_flag("configs/infer.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: outputs/<date>/<time>)")
+_WORKDIR = workdir_flag("output directory (default: outputs/<date>/<time>)")
 
 
 def main(argv):

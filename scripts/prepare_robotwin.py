@@ -156,14 +156,20 @@ def _define_flags() -> None:
   flags.DEFINE_string("output_csv", "", "output CSV (default <root>/robotwin_videos.csv)")
   flags.DEFINE_string("tasks", "", "comma-separated task names to keep (default all)")
   flags.DEFINE_string("camera", "head_camera", "camera whose frames are extracted when no mp4 exists")
-  flags.DEFINE_float("fps", 0.0, "fps written to the CSV (and of extracted mp4s); 0 = the container's rate")
-  flags.DEFINE_float("val_fraction", 0.01, "fraction of rows in the 'validation' split")
+  # Bounds make a bad value a usage error naming the flag, not an encoder or index error later.
+  flags.DEFINE_float("fps", 0.0, "fps written to the CSV (and of extracted mp4s); 0 = the container's rate",
+                     lower_bound=0.0)
+  flags.DEFINE_float("val_fraction", 0.01, "fraction of rows in the 'validation' split", lower_bound=0.0,
+                     upper_bound=1.0)
   flags.DEFINE_integer("seed", 0, "seed of the split shuffle")
-  flags.DEFINE_integer("instruction_index", 0, "which instruction of the list to use as the caption")
+  flags.DEFINE_integer("instruction_index", 0, "which instruction of the list to use as the caption",
+                       lower_bound=0)
   flags.DEFINE_bool("overwrite_videos", False, "re-extract mp4s from the HDF5 even if they exist")
   flags.DEFINE_bool("skip_corrupt", False, "leave unreadable episodes out of the CSV (a warning and a count) "
                     "instead of stopping on the first")
   flags.mark_flag_as_required("root")
+  flags.register_validator("output_csv", lambda v: not v or not Path(v).is_dir(),
+                           "must be a CSV file path, not a directory")
 
 
 def cli(argv=None):

@@ -120,6 +120,12 @@ CSV_CASES = {
     "empty_required": (HEADER + "a.mp4,x,4,4,16,\n", "required column 'n_frames' is empty"),
     "extra_cells": (HEADER + "a.mp4,x,4,4,16,5,9\n", "more cells than the 6 header columns"),
     "binary": (b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00", "not a UTF-8 text CSV"),
+    # values that parse but cannot describe a video: they failed later as a negative frame index
+    "zero_fps": (HEADER + "a.mp4,x,4,4,0,5\n", "row 0 (video_path='a.mp4'): column 'fps' must be a finite number > 0"),
+    "negative_frames": (HEADER + "a.mp4,x,4,4,16,-5\n", "column 'n_frames' must be an integer >= 1, found '-5'"),
+    "zero_height": (HEADER + "a.mp4,x,0,4,16,5\n", "column 'height' must be an integer >= 1"),
+    "trim_order": ("video_path,caption,height,width,fps,n_frames,trim_start,trim_end\na.mp4,x,4,4,16,5,4,2\n",
+                   "column 'trim_end' (2) must be greater than 'trim_start' (4)"),
 }
 
 
@@ -178,6 +184,13 @@ def test_video_reader_names_the_file(tmp_path, case, reader):
   assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
 
 
+def test_video_shorter_than_asked_names_its_length(tmp_path):
+  path = video.write_video(tmp_path / "clip.mp4", np.zeros((4, 16, 16, 3), np.uint8), fps=8)
+  for wanted in ([2, 9], [7, 9]):  # some frames past the end, or all of them
+    with pytest.raises(ValueError, match=rf"video {path}: asked for frames up to 9 but it has 4 of them"):
+      video.read_video(path, wanted)
+
+
 def test_failed_video_write_leaves_nothing(tmp_path):
   with pytest.raises(ValueError):
     video.write_video(tmp_path / "v.mp4", np.zeros((2, 4, 4, 5), np.uint8))
@@ -221,6 +234,46 @@ def test_cached_embedding_reader_names_the_file(tmp_path, case):
     embeddings.load_prompt_embedding(path, text_len=8)
   assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
   assert not embeddings.is_valid_file(path, lambda shape: True) or case in ("wrong_dim", "no_rows")
+
+
+def _loader_records(tmp_path, shapes):
+  from eva_jax.data import video_dataset
+  recs = []
+  for i, shape in enumerate(shapes):
+    np.save(tmp_path / f"p{i}.npy", np.ones(shape, np.float32))
+    recs.append(dict(row=i, video_path=f"v{i}.mp4", caption="x", height=8, width=8, fps=16.0, n_frames=5,
+                     prompt_embed_path=f"p{i}.npy"))
+  return recs, functools.partial(video_dataset.ExampleLoader, tmp_path, dict(
+      height=8, width=8, n_frames=5, load_prompt_embed=True, max_text_tokens=8, decode_video=False))
+
+
+def test_cached_embedding_of_another_width_names_the_row(tmp_path):
+  """A prompt cache made with another umT5 (or one odd file) fails naming the row, not as grain's 'Expected all
+  input elements to have the same structure' or a matmul shape error after compiling."""
+  recs, loader = _loader_records(tmp_path, [(3, 24), (3, 24), (5, 7)])
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match=r"metadata row 0 .*has shape \(3, 24\); expected \[L <= 8 "
+                                       r"\(data.max_text_tokens\), 32\]"):
+    loader(prompt_dim=32)(recs[0], rng)
+  odd = loader()
+  odd(recs[0], rng), odd(recs[1], rng)
+  with pytest.raises(ValueError, match=r"metadata row 2 \(video_path='v2.mp4'\): array 'prompt_embeds' has shape "
+                                       r"\(8, 7\), but metadata row 0 \(video_path='v0.mp4'\) gave \(8, 24\)"):
+    odd(recs[2], rng)
+
+
+def test_cache_embeddings_checks_the_csv_before_writing(tmp_path):
+  from configs import cache_embeddings as cfg
+  config = cfg.get_config("tiny")
+  csv = tmp_path / "meta.csv"
+  config.metadata_path = str(csv)
+  for text, expected in ((HEADER, "no data rows under the header"),
+                         (HEADER + "a.mp4,x,tall,4,16,5\n", "row 0 (video_path='a.mp4'): column 'height'")):
+    csv.write_text(text)
+    with pytest.raises(ValueError) as e:
+      embeddings.cache_embeddings(config)
+    assert str(csv) in str(e.value) and expected in str(e.value)
+    assert csv.read_text() == text and sorted(os.listdir(tmp_path)) == ["meta.csv"]
 
 
 # MARK: python -m convert
@@ -301,6 +354,7 @@ CONVERT_CASES = {
                        "{src} is not a safetensors index json"),
     "unknown_format": (lambda d: _write(d / "w.txt", b"x"), "{src}: unknown checkpoint format"),
     "empty_dir": (lambda d: (d / "empty").mkdir() or d / "empty", "{src}: expected *.safetensors"),
+    "empty_file": (lambda d: _write(d / "w.pth", b""), "checkpoint {src} is empty (0 bytes)"),
 }
 
 
@@ -319,6 +373,66 @@ def test_convert_cli_bad_source(tmp_path, capsys, case):
   code, err = run_cli("convert", ["--kind", "idm", "--src", str(src), "--out", str(out), "--overwrite"], capsys)
   assert code == 1 and expected.format(src=src) in err.splitlines()[-1], err
   assert _digest(out) == {"keep.txt": hashlib.sha256(b"old").hexdigest()}
+
+
+def test_convert_refuses_nan_weights_and_bad_overrides(tmp_path, monkeypatch, capsys):
+  from convert.cli import main
+  import convert.wan
+  _fake_converter(monkeypatch)
+  monkeypatch.setattr(convert.wan, "convert_vae_state_dict",
+                      lambda sd, cfg: {"a": {"0": np.zeros(4, np.float32), "1": np.array([1, np.nan], np.float32)}})
+  out = tmp_path / "vae"
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(out), "--quiet"]) == 1
+  assert "parameter a/1 of the source holds NaN / inf values" in capsys.readouterr().err.splitlines()[-1]
+  assert os.listdir(tmp_path) == []                                  # nothing written
+  assert main(["--kind", "dit", "--config", "tiny-i2v", "--set", "num_layers=abc", "--src", "x.pth",
+               "--out", str(out)]) == 1
+  assert "--set num_layers='abc': expected a value of type int" in capsys.readouterr().err.splitlines()[-1]
+  (tmp_path / "afile").write_text("x")
+  _fake_converter(monkeypatch)
+  assert main(["--kind", "vae", "--src", "x.pth", "--out", str(tmp_path / "afile" / "vae"), "--quiet"]) == 1
+  assert f"cannot create its folder {tmp_path / 'afile'}" in capsys.readouterr().err.splitlines()[-1]
+
+
+# MARK: weights from the wrong kind of run
+
+
+def _fake_run(folder, config_module):
+  """A trainer's run directory as weights.load sees it (config.json and a numbered step), without training."""
+  import importlib
+  from eva_jax.utils.rundir import save_config
+  (folder / "checkpoints" / "2" / "state").mkdir(parents=True)
+  save_config(folder, importlib.import_module(config_module).get_config("tiny"))
+  return folder
+
+
+@pytest.mark.parametrize("module, argv, run_of, expected", [
+    ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.init.kind=orbax", "--config.init.path={run}"],
+     "configs.vae", "config.init.path: dit weights {run}: this is a train_vae run directory"),
+    ("scripts.train_grpo", ["--config=configs/grpo.py:tiny", "--config.reward.idm_checkpoint={run}"],
+     "configs.sft", "config.reward.idm_checkpoint: idm weights {run}: this is a train_sft run directory"),
+    ("scripts.eval_idm", ["--config=configs/idm.py:tiny", "--config.eval.checkpoint={run}"],
+     "configs.vae", "idm weights {run}: this is a train_vae run directory (its config.json), which holds vae"),
+    ("convert", ["--kind", "dit", "--to-torch", "--src", "{run}", "--out", "{t}/dit.safetensors"],
+     "configs.idm", "dit weights {run}: this is a train_idm run directory"),
+], ids=["sft_init_vae_run", "grpo_reward_sft_run", "eval_idm_vae_run", "export_idm_run"])
+def test_weights_from_another_trainers_run(tmp_path, capsys, module, argv, run_of, expected):
+  run = _fake_run(tmp_path / "run", run_of)
+  before = _digest(run)
+  argv = [a.format(run=run, t=tmp_path) for a in argv]
+  if module != "convert":
+    argv.append(f"--workdir={tmp_path / 'out'}")
+  code, err = run_cli(module, argv, capsys)
+  assert code == 1 and expected.format(run=run) in err.splitlines()[-1], err
+  assert _digest(run) == before
+
+
+def test_lora_adapter_that_is_not_safetensors(tmp_path):
+  from eva_jax.models import lora
+  path = tmp_path / "adapter_model.safetensors"
+  path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+  with pytest.raises(ValueError, match=f"LoRA adapter {path} is not a readable safetensors file"):
+    lora._read_adapter(str(tmp_path))  # pylint: disable=protected-access
 
 
 # MARK: entry points
@@ -425,7 +539,7 @@ def test_infer_bad_image_csv(tmp_path, capsys, case):
 ENTRY_POINT_CASES = {
     "train_sft": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.data.data_root={t}/none"],
                   "metadata CSV {t}/none/robotwin_videos.csv does not exist"),
-    "train_sft_init": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.init.kind=lvp",
+    "train_sft_init": ("scripts.train_sft", ["--config=configs/sft.py:tiny", "--config.init.kind=orbax",
                                              "--config.init.path={t}/lvp"], "config.init.path: weights source {t}/lvp"),
     "train_vae": ("scripts.train_vae", ["--config=configs/vae.py:tiny", "--config.data.data_root={t}/none"],
                   "config.data.data_root: {t}/none does not exist"),
@@ -478,6 +592,26 @@ def test_command_line_errors_are_one_line(capsys, argv, code, expected):
   assert got == code and expected in err.strip().splitlines()[-1] and "Traceback" not in err, err
 
 
+def test_prepare_robotwin_bad_flags(tmp_path, capsys):
+  (tmp_path / "out").mkdir()
+  for flag, expected in (("--fps=-1", "flag --fps=-1: -1.0 is not a non-negative number"),
+                         ("--val_fraction=2", "flag --val_fraction=2: 2.0 is not a number in the range [0.0, 1.0]"),
+                         ("--instruction_index=-5", "flag --instruction_index=-5"),
+                         (f"--output_csv={tmp_path / 'out'}", "must be a CSV file path, not a directory")):
+    code, err = run_cli("scripts.prepare_robotwin", [f"--root={tmp_path}", flag], capsys)
+    assert code == 2 and expected in err.strip().splitlines()[-1], err
+
+
+def test_atomic_path_to_a_folder_or_under_a_file(tmp_path):
+  from eva_jax.utils.files import atomic_path
+  (tmp_path / "afile").write_text("x")
+  for path, expected in ((tmp_path, "it is a directory"), (tmp_path / "afile" / "m.csv", "a file is in the way")):
+    with pytest.raises(OSError, match=expected):
+      with atomic_path(path):
+        pass
+  assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
 def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
   from eva_jax.utils.files import atomic_path
   from eva_jax.utils.rundir import save_config
@@ -510,6 +644,15 @@ def test_idm_build_names_a_corrupt_middle_frame_and_leaves_nothing(tmp_path):
   with pytest.raises(FileNotFoundError, match="no prepared robotwin_idm dataset"):
     idm_dataset.load_idm_sources(tmp_path / "tfds")
   assert [p.name for p in (tmp_path / "tfds" / idm_dataset.DATASET_NAME).iterdir()] == []  # no staging left
+
+
+def test_idm_build_names_an_episode_of_another_frame_size(tmp_path):
+  from eva_jax.data import idm_dataset
+  splits = _idm_episodes(tmp_path, n=2)
+  big = tmp_path / "episode2.hdf5"
+  robotwin.write_episode(big, np.zeros((N, 12, 12, 3), np.uint8), np.zeros((N, 14)))
+  with pytest.raises(ValueError, match=rf"{big}: frame 0 is 12x12, but the frames of .*episode0.hdf5 are 8x8"):
+    idm_dataset.build_idm_dataset({"train": splits["train"] + [str(big)]}, tmp_path / "tfds")
 
 
 def test_idm_build_skips_corrupt_episodes_when_asked(tmp_path):

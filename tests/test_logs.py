@@ -74,3 +74,30 @@ def test_library_use_writes_no_log_files(tmp_path):
   assert not logs._S.active  # pylint: disable=protected-access
   run = make_run_dir(tmp_path)
   assert logs.log_file() is None and list(run.iterdir()) == []
+
+
+def test_library_thread_noise_goes_to_the_log_not_the_terminal(tmp_path, capsys, restore):
+  """An exception no code can catch (orbax's storage threads calling into an event loop an aborted read has
+  closed) reaches Python's unraisable hook: at verbosity 0 it lands in the run's log, so the error line stays
+  the terminal's last; at verbosity 1 it goes to the usual hook (the terminal)."""
+  import gc
+
+  class Noisy:
+    def __del__(self):
+      raise RuntimeError("Event loop is closed")
+
+  logs.setup(0)
+  logs.set_log_dir(tmp_path)
+  Noisy()
+  gc.collect()
+  assert "Event loop is closed" not in capsys.readouterr().err
+  assert "RuntimeError: Event loop is closed" in (tmp_path / "eva_jax.log").read_text()
+  seen = []
+  logs.setup(1)
+  logs._S.prev_unraisable, before = seen.append, logs._S.prev_unraisable  # pylint: disable=protected-access
+  try:
+    Noisy()
+    gc.collect()
+  finally:
+    logs._S.prev_unraisable = before  # pylint: disable=protected-access
+  assert [str(u.exc_value) for u in seen] == ["Event loop is closed"]  # the usual hook prints it

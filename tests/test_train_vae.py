@@ -173,5 +173,5 @@ def test_bad_data_path_is_named(tmp_path):
   c = _config(tmp_path / "empty")
   c.data.train_frames = 6
   (tmp_path / "empty" / toyworld.CSV_NAME).write_text("")
-  with pytest.raises(ValueError, match="train_frames=6: clips must have 1 \\+ 4k frames"):
+  with pytest.raises(ValueError, match=r"config.data.train_frames=6: expected 0 \(= n_frames\) or 1 \+ 4k frames"):
     train_vae.train_and_evaluate(c, tmp_path / "run")

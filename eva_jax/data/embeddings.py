@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from eva_jax.data import metadata
+from eva_jax.utils import checks
 from eva_jax.utils.files import atomic_path
 
 PROMPT_COLUMN, CLIP_COLUMN, LATENT_COLUMN = "prompt_embed_path", "clip_embed_path", "first_latent_path"
@@ -374,6 +375,21 @@ def _cache_video_latents(config, rows, media, root: Path, csv_path: Path, stats:
   bar.close()
 
 
+# configs/cache_embeddings.py's fields, checked before any encoder is built.
+CONFIG_RULES = {
+    "seed": checks.integer(),
+    "batch_size": checks.integer(1),
+    "height": checks.multiple_of(8),        # the VAE's spatial stride
+    "width": checks.multiple_of(8),
+    "save_dtype": checks.one_of("float32", "float16", "bfloat16"),
+    "umt5.text_len": checks.integer(1),
+    "video.n_frames": checks.FRAMES_1_4K,   # the VAE's temporal stride is 4
+    "video.fps": checks.number(0, lo_open=True),
+    "video.trim_mode": checks.one_of("random_cut", "speedup"),
+    "video.pad_mode": checks.one_of("slowdown", "pad_last"),
+}
+
+
 def cache_embeddings(config, workdir: str | os.PathLike | None = None,
                      models: Mapping[str, Any] | None = None) -> dict:
   """Fills prompt_embed_path (and optionally clip_embed_path / first_latent_path / video_latent_path) of a CSV.
@@ -382,6 +398,7 @@ def cache_embeddings(config, workdir: str | os.PathLike | None = None,
   to use instead of building them from the config. Returns counts of written / skipped files. The
   CSV (or `config.output_csv`) is replaced atomically once every file exists.
   """
+  checks.check(config, checks.DTYPES, CONFIG_RULES)
   models = dict(models or {})
   root = Path(config.data_root) if config.data_root else Path(config.metadata_path).parent
   csv_path = Path(config.metadata_path)
@@ -391,6 +408,10 @@ def cache_embeddings(config, workdir: str | os.PathLike | None = None,
   workdir = Path(workdir) if workdir else root
   columns, rows = metadata.read_csv_rows(csv_path)
   media = media_column(columns, csv_path)
+  if media == "video_path":  # an EVA metadata CSV: every row valid before anything is encoded or rewritten
+    metadata.read_metadata(csv_path)
+  if not rows:
+    raise ValueError(f"{csv_path}: no data rows under the header; nothing to cache")
   stats = {k: 0 for k in ("prompt_written", "prompt_skipped", "captions_encoded", "clip_written",
                           "clip_skipped", "vae_written", "vae_skipped", "video_latents_written",
                           "video_latents_skipped")}

@@ -65,6 +65,7 @@ class RobotwinIdm(tfds.core.GeneratorBasedBuilder):
     self._camera = camera
     self._skip_corrupt = skip_corrupt
     self.skipped: list[dict[str, str]] = []  # {'path', 'error'} of episodes left out (skip_corrupt)
+    self._frame_shape: tuple[tuple[int, ...], str] | None = None  # (shape, episode) of the first frame
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
 
@@ -106,7 +107,7 @@ class RobotwinIdm(tfds.core.GeneratorBasedBuilder):
         # Every frame is decoded now, so a corrupt one fails here naming file and frame, not in a training
         # step's data loader hours later (decoding is ~1 ms a frame, once per dataset).
         for i, jpeg in enumerate(data):
-          robotwin.decode_frame(jpeg, path=path, index=i)
+          self._same_size(robotwin.decode_frame(jpeg, path=path, index=i).shape, path, i)
       except (OSError, ValueError, KeyError) as err:
         if not self._skip_corrupt:
           raise
@@ -117,6 +118,15 @@ class RobotwinIdm(tfds.core.GeneratorBasedBuilder):
         yield f"{e:07d}_{i:07d}", dict(jpeg=jpeg, action=action, episode=e, index=i,
                                        episode_start=start, episode_length=len(data))
       start += len(data)
+
+  def _same_size(self, shape: tuple[int, ...], path: str, index: int) -> None:
+    """Every frame of the dataset has one size: the IDM batches windows of any episodes together."""
+    if self._frame_shape is None:
+      self._frame_shape = (shape, path)
+    elif shape != self._frame_shape[0]:
+      (h, w, _), (h0, w0, _) = shape, self._frame_shape[0]
+      raise ValueError(f"{path}: frame {index} is {h}x{w}, but the frames of {self._frame_shape[1]} are {h0}x{w0}; "
+                       "every episode of one IDM dataset must be recorded at one camera size")
 
 
 def split_episodes(paths: Sequence[str | os.PathLike], val_fraction: float = 0.1,

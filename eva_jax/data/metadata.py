@@ -35,19 +35,28 @@ SPLITS = ("training", "validation", "test", "all")
 DEFAULT_FILTERING = dict(n_frames=(0, 2000), fps=(0, 100), height=(0, 4096), width=(0, 4096))
 
 
+# The smallest value each integer column may hold (the others: 0); a frame size or count of 0 or less, or
+# an fps of 0, fails later as a negative frame index or an empty clip that names neither row nor column.
+_INT_MINIMUM = {"height": 1, "width": 1, "n_frames": 1}
+
+
 def _convert(value: str, column: str, where: str) -> Any:
   if column in INT_COLUMNS:
+    lo = _INT_MINIMUM.get(column, 0)
     try:
-      return int(float(value))
+      number = int(float(value))
     except (ValueError, OverflowError):  # "abc", "nan", "inf"
       raise ValueError(f"{where}: column {column!r} must be an integer, found {value!r}") from None
+    if number < lo:
+      raise ValueError(f"{where}: column {column!r} must be an integer >= {lo}, found {value!r}")
+    return number
   if column in FLOAT_COLUMNS:
     try:
       number = float(value)
     except ValueError:
       raise ValueError(f"{where}: column {column!r} must be a number, found {value!r}") from None
-    if not math.isfinite(number):
-      raise ValueError(f"{where}: column {column!r} must be a finite number, found {value!r}")
+    if not math.isfinite(number) or number <= 0:
+      raise ValueError(f"{where}: column {column!r} must be a finite number > 0, found {value!r}")
     return number
   if column in BOOL_COLUMNS:
     return value.strip().lower() in ("1", "true", "yes")
@@ -106,6 +115,9 @@ def _record(row: Mapping[str, Any], i: int, columns: Sequence[str], where: str) 
       if col != "caption":
         continue
     rec[col] = _convert(val, col, where)
+  for lo, hi in (("trim_start", "trim_end"), ("crop_top", "crop_bottom"), ("crop_left", "crop_right")):
+    if lo in rec and hi in rec and rec[hi] <= rec[lo]:
+      raise ValueError(f"{where}: column {hi!r} ({rec[hi]}) must be greater than {lo!r} ({rec[lo]})")
   if not rec.get("caption"):
     rec["caption"] = next((rec[c] for c in CAPTION_FALLBACKS if rec.get(c)), "")
   return rec

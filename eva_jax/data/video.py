@@ -94,12 +94,12 @@ def read_video(path: str | os.PathLike, indices=None) -> tuple[np.ndarray, float
       raise ValueError(f"cannot decode video {path} (after frame {i}): {_one_line(e)}") from e
     where = "cannot open" if i < 0 else f"frame {i + 1} does not decode in"
     raise ValueError(f"{where} video {path}: {_one_line(e)}") from e
+  if wanted is not None and len(frames) != len(wanted) and i >= 0:  # the stream ended first: i + 1 frames
+    raise ValueError(f"video {path}: asked for frames up to {wanted[-1]} but it has {i + 1} of them")
   if not frames:
     raise ValueError(f"video {path} has no decodable frames")
   out = np.stack(frames)
   if wanted is not None:
-    if len(out) != len(wanted):
-      raise ValueError(f"video {path}: asked for frames up to {wanted[-1]} but it has {len(out)} of them")
     order = {f: k for k, f in enumerate(wanted)}
     out = out[[order[int(i)] for i in indices]]
   return out, fps

@@ -30,6 +30,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from eva_jax.data.shapes import SameShapes
+
 TRIM_MODES = ("random_cut", "speedup")
 PAD_MODES = ("slowdown", "pad_last")
 
@@ -132,8 +134,12 @@ class ExampleLoader:
   (crc32 of the caption) when prompt embeddings are not loaded.
   """
 
-  def __init__(self, data_root: str | Path, cfg: Mapping[str, Any] | Any, train: bool = True):
+  def __init__(self, data_root: str | Path, cfg: Mapping[str, Any] | Any, train: bool = True,
+               prompt_dim: int | None = None):
+    """prompt_dim: the width D that cached prompt embeddings must have (the DiT's text_dim); None: any."""
     g = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+    self.prompt_dim = prompt_dim
+    self.same_shapes = SameShapes("array")
     self.data_root = Path(data_root)
     self.train = train
     self.height, self.width = int(g("height", 480)), int(g("width", 640))
@@ -178,7 +184,8 @@ class ExampleLoader:
     try:
       frames, _ = _read_frames(path, idx, self.camera)
     except Exception as e:
-      raise ValueError(f"{self._where(rec)}: cannot read frames {idx.min()}..{idx.max()} of {path}: {e}") from e
+      raise ValueError(f"{self._where(rec)}: cannot read frames {idx.min()}..{idx.max()} of {path} (the row says "
+                       f"n_frames={rec['n_frames']}, fps={rec['fps']:g}): {e}") from e
     if "crop_top" in rec and "crop_bottom" in rec:
       frames = frames[:, rec["crop_top"]:rec["crop_bottom"]]
     if "crop_left" in rec and "crop_right" in rec:
@@ -196,9 +203,13 @@ class ExampleLoader:
       out["video"] = self.video(rec, rng)
     if self.load_prompt_embed:
       emb = self._cached(rec, "prompt_embed_path")  # [L, D]
-      if emb.ndim != 2 or emb.shape[0] > self.max_text_tokens:
+      if (emb.ndim != 2 or emb.shape[0] > self.max_text_tokens
+          or self.prompt_dim is not None and emb.shape[1] != self.prompt_dim):
         raise ValueError(f"{self._where(rec)}: prompt embedding {rec['prompt_embed_path']} has shape "
-                         f"{emb.shape}; expected [L <= {self.max_text_tokens}, D]")
+                         f"{emb.shape}; expected [L <= {self.max_text_tokens} (data.max_text_tokens), "
+                         f"{'D' if self.prompt_dim is None else self.prompt_dim}] "
+                         f"{'' if self.prompt_dim is None else '(D: the DiT text_dim of config.model.preset) '}"
+                         "as scripts/cache_embeddings.py writes it with the matching umT5")
       out["prompt_len"] = np.int32(emb.shape[0])
       out["prompt_embeds"] = np.pad(emb, ((0, self.max_text_tokens - emb.shape[0]), (0, 0)))
     else:
@@ -207,7 +218,7 @@ class ExampleLoader:
     if self.load_video_latent:
       lat = self._cached(rec, "video_latent_path")  # [F, h, w, 16]
       want = (self.height // 8, self.width // 8)  # the clip length is the cache's (it was cut when cached)
-      if lat.ndim != 4 or tuple(lat.shape[1:3]) != want:
+      if lat.ndim != 4 or tuple(lat.shape[1:3]) != want or lat.shape[3] != 16:
         raise ValueError(f"{self._where(rec)}: latent {rec['video_latent_path']} has shape {lat.shape}; "
                          f"expected [F, {want[0]}, {want[1]}, 16] (channels-last) for data.height x data.width = "
                          f"{self.height}x{self.width}; re-cache the latents at this size "
@@ -216,6 +227,7 @@ class ExampleLoader:
       out["latents"] = lat
     if self.load_clip_embed:
       out["clip_fea"] = self._cached(rec, "clip_embed_path")  # [257, 1280]
+    self.same_shapes.check(out, self._where(rec))  # a batch stacks them: name the odd row here
     return out
 
 

@@ -218,7 +218,10 @@ def _read_adapter(path: str) -> tuple[str, dict[str, dict]]:
   Keys with the 'peft' or 'diffusers' prefix (or none) are accepted; Wan names map back to ours."""
   from safetensors.numpy import load_file
   file = _adapter_file(path)
-  tensors = load_file(file)
+  try:
+    tensors = load_file(file)
+  except Exception as e:  # noqa: BLE001  safetensors raises its own error type (a damaged or truncated file)
+    raise ValueError(f"LoRA adapter {file} is not a readable safetensors file: {' '.join(str(e).split())}") from None
   modules: dict[str, dict] = {}
   for key, value in tensors.items():
     name, part = key, None

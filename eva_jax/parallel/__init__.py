@@ -9,4 +9,4 @@ from eva_jax.parallel.sharding import (  # noqa: F401
     shard_batch,
     state_shardings,
 )
-from eva_jax.parallel.mesh import make_mesh, resolve_axis_sizes  # noqa: F401,E402
+from eva_jax.parallel.mesh import check_batch_split, make_mesh, resolve_axis_sizes  # noqa: F401,E402

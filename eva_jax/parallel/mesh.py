@@ -23,11 +23,13 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
   fixed = math.prod(s for s in shape if s != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh axes {dict(sizes)} do not divide {num_devices} devices")
+      raise ValueError(f"config.mesh={dict(sizes)}: the fixed axes ({fixed} devices) do not divide the "
+                       f"{num_devices} devices")
     shape[free[0]] = num_devices // fixed
   if math.prod(shape) != num_devices:
-    raise ValueError(
-        f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices, but {num_devices} are available")
+    raise ValueError(f"config.mesh={dict(sizes)}: a mesh of {math.prod(shape)} devices "
+                     f"{dict(zip(MESH_AXES, shape))}, but {num_devices} are available (set one axis to -1 for "
+                     "the remaining devices)")
   return tuple(shape)
 
 
@@ -39,3 +41,21 @@ def make_mesh(sizes: Mapping[str, int] | None = None, devices=None) -> Mesh:
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_axis_sizes(sizes or {"data": -1}, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def check_batch_split(config, *fields: str, total: int | None = None) -> None:
+  """Each batch size in `fields` (dotted config keys; `total` overrides the value of the first) splits evenly
+  over the devices of the mesh's batch axes (data x fsdp of config.mesh). Checked before anything is built:
+  otherwise the first step fails inside jax with a sharding message that names no config field."""
+  from eva_jax.utils.checks import fail
+  shape = resolve_axis_sizes(dict(config.mesh), jax.device_count())
+  ways = shape[0] * shape[1]
+  for i, field in enumerate(fields):
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    size = total if i == 0 and total is not None else value
+    if size % ways:
+      what = "" if size == value else f" ({size} in all)"
+      raise fail(field, value, f"a batch{what} that splits over the {ways} devices of the mesh's batch axes "
+                               f"(config.mesh: data {shape[0]} x fsdp {shape[1]}, on {jax.device_count()} devices)")

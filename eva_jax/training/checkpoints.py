@@ -134,7 +134,14 @@ class Checkpointer:
     has_meta = (pathlib.Path(mngr.directory) / str(step) / "meta").exists()
     if has_meta:
       args["meta"] = ocp.args.JsonRestore()
-    out = mngr.restore(step, args=ocp.args.Composite(**args))
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError, TypeError, OSError) as e:  # orbax's tree diff is a page of pytree repr
+      detail = " ".join(str(e).split())
+      raise ValueError(f"cannot restore {mngr.directory}/{step} ({type(e).__name__}: {detail[:240]}"
+                       f"{' ...' if len(detail) > 240 else ''}): the checkpoint is damaged, or it was written by "
+                       "another trainer or model config (see the run's config.json); resume with that config, or "
+                       "use a new --workdir") from None
     return out["state"], (dict(out["meta"]) if has_meta and out["meta"] is not None else {})
 
   def wait(self):

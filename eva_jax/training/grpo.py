@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eva_jax import weights
+from eva_jax import parallel, weights
 from eva_jax.data import conditions
 from eva_jax.diffusion.schedules import wan_timesteps
 from eva_jax.models.lora import LoRAParam, disable_lora, export_peft
@@ -41,10 +41,12 @@ from eva_jax.rl import grpo as grpo_lib
 from eva_jax.rl import reward as reward_lib
 from eva_jax.rl.rollout import RolloutConfig, make_rollout_fn
 from eva_jax.training.checkpoints import Checkpointer
+from eva_jax.models.wan.config import PRESETS as WAN_PRESETS
 from eva_jax.training.optim import make_optimizer
+from eva_jax.utils import checks
 from eva_jax.utils.metrics import MetricWriter
 from eva_jax.utils.progress import progress
-from eva_jax.utils.rundir import save_config
+from eva_jax.utils.rundir import check_resume, save_config
 
 PENALTY_TERMS = ("jerk", "acc", "vlim", "alim", "total")
 
@@ -249,15 +251,68 @@ def _programs(config_json: str, gdef, vae_gdef, idm_gdef, mesh):
 # MARK: the loop
 
 
+# GRPO's own fields (eva_jax/utils/checks.py has the shared ones), checked before anything is built.
+CONFIG_RULES = {
+    "num_iterations": checks.integer(1),
+    "model.preset": lambda v: None if v in WAN_PRESETS else f"a Wan preset, one of {sorted(WAN_PRESETS)}",
+    "model.num_layers": checks.integer(0),
+    "model.lora_rank": checks.integer(1),
+    "model.lora_alpha": checks.number(0, lo_open=True),
+    "sample.group_size": checks.integer(2),          # advantages are relative to the group
+    "sample.num_prompts": checks.integer(1),
+    "sample.num_steps": checks.integer(1),
+    "sample.latent_frames": checks.integer(1),
+    "sample.latent_height": checks.multiple_of(2),   # the DiT's patch is 2x2
+    "sample.latent_width": checks.multiple_of(2),
+    "sample.noise_level": checks.number(0),
+    "sample.shift": checks.number(0, lo_open=True),
+    "sample.eval_every": checks.integer(0),
+    "data.kind": checks.one_of("synthetic", "csv"),
+    "data.start": checks.one_of("random", "cycle"),
+    "data.num_conditions": checks.integer(1),
+    "data.text_tokens": checks.integer(1),
+    "data.fps": checks.number(0, lo_open=True),
+    "data.trim_mode": checks.one_of("random_cut", "speedup"),
+    "data.pad_mode": checks.one_of("slowdown", "pad_last"),
+    "log.checkpoint_every": checks.integer(1),
+    "log.keep_checkpoints": checks.integer(1),
+    "log.num_videos": checks.integer(0),
+    "log.plot_every": checks.integer(0),
+    "log.video_every": checks.integer(0),
+    "train.num_inner_epochs": checks.integer(1),
+    "train.timestep_fraction": checks.number(0, 1, lo_open=True),
+    "train.clip_range": checks.number(0),
+    "train.beta": checks.number(0),
+    "train.adv_clip": checks.number(0),
+    "train.micro_batch": checks.integer(0),
+    "train.accum_micro": checks.integer(0),
+    "reward.fps": checks.number(0, lo_open=True),
+    "reward.idm_batch_size": checks.integer(0),
+}
+
+
+def check_config(config) -> None:
+  checks.check(config, checks.COMMON, CONFIG_RULES)
+  s, tr = config.sample, config.train
+  rollouts = s.group_size * s.num_prompts
+  if tr.micro_batch and rollouts % tr.micro_batch:
+    raise checks.fail("train.micro_batch", tr.micro_batch, f"a divisor of the {rollouts} rollouts per iteration "
+                                                           "(sample.group_size x sample.num_prompts), or 0 for all")
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   """Runs (or resumes) GRPO in `workdir`; returns the last iteration's metrics."""
+  check_config(config)
+  parallel.check_batch_split(config, "sample.group_size", total=config.sample.group_size * config.sample.num_prompts)
   if not config.reward.idm_checkpoint:  # fail before building anything
     load_idm(config, None)
   weights.require_sources(config, ("reward.idm_checkpoint", "model.checkpoint", "vae.checkpoint",
-                                   "clip.checkpoint"))
+                                   "clip.checkpoint"),
+                          kinds={"reward.idm_checkpoint": "idm", "model.checkpoint": "dit", "vae.checkpoint": "vae",
+                                 "clip.checkpoint": "clip"})
   workdir = pathlib.Path(workdir)
+  check_resume(workdir, config, ("model.preset", "model.num_layers", "model.lora_rank"))  # the checkpoint's shape
   workdir.mkdir(parents=True, exist_ok=True)
-  save_config(workdir, config)
   mesh = make_mesh(dict(config.mesh))
   s = config.sample
 
@@ -281,6 +336,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     restored, meta = ckpt.restore(target=target)
     lora, opt_state = _unflat(restored["lora"], lora), _unflat(restored["opt"], opt_state)
     start = int(meta.get("iteration", ckpt.latest_step()))
+  save_config(workdir, config)  # once the run has started (or resumed): a failed start leaves the old one
 
   table = starts = None
   if config.data.kind == "csv":

@@ -46,6 +46,7 @@ from eva_jax.data import idm_dataset, robotwin
 from eva_jax.data.idm_transforms import FrameTransform
 from eva_jax.models import idm as idm_lib
 from eva_jax.parallel.sharding import named_sharding, state_shardings
+from eva_jax.utils import checks
 
 FLIP_NEGATE_DIMS = (0, 4, 5, 7, 11, 12)
 
@@ -343,6 +344,36 @@ def _tfds_dir(config, workdir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(config.data.tfds_dir) if config.data.tfds_dir else workdir / "tfds"
 
 
+# The IDM's own fields (eva_jax/utils/checks.py has the shared ones), checked before anything is built.
+CONFIG_RULES = {
+    "model.preset": lambda v: None if v in idm_lib.IDM_CONFIGS else f"one of {sorted(idm_lib.IDM_CONFIGS)}",
+    "model.image_size": checks.int_tuple(2),
+    "model.blocks": checks.int_tuple(lo=1, allow_empty=True),
+    "model.width": checks.integer(0),
+    "model.mlp_dims": checks.int_tuple(lo=1, allow_empty=True),
+    "data.num_frames": checks.integer(1),
+    "data.stride": checks.integer(1),
+    "data.split": checks.one_of("episodes", "frames"),
+    "data.val_fraction": checks.fraction_below_one,
+    "data.val_max_frames": checks.integer(0),
+    "data.num_workers": checks.integer(0),
+    "data.norm_stats": checks.one_of("model", "dataset"),
+    "eval.max_batches": checks.integer(0),
+    "eval.idm_batch_size": checks.integer(0),
+    "eval.max_episodes": checks.integer(0),
+    "eval.max_plots": checks.integer(0),
+    "eval.fps": checks.number(0, lo_open=True),
+}
+
+
+# The fields that shape the checkpoint: a run resumes only with the values it was started with.
+RESUME_FIELDS = ("model.preset", "model.image_size", "model.blocks", "model.width", "model.mlp_dims")
+
+
+def check_config(config) -> None:
+  checks.check(config, checks.COMMON, CONFIG_RULES)
+
+
 def prepare_data(config, workdir: pathlib.Path) -> dict[str, Any]:
   """{split: record source}: a prepared TFDS directory (config.data.tfds_dir) or built once from the
   HDF5 episodes under config.data.root into workdir/tfds."""
@@ -419,15 +450,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   from eva_jax.training.checkpoints import Checkpointer
   from eva_jax.utils.metrics import MetricWriter, StepClock, fetch_finite
   from eva_jax.utils.progress import progress
-  from eva_jax.utils.rundir import save_config
+  from eva_jax.utils.rundir import check_resume, save_config
 
   workdir = pathlib.Path(workdir)
+  # the inputs first: a bad config value, a missing weights file or episode folder fails before
+  # config.json is (re)written
+  check_config(config)
+  parallel.check_batch_split(config, "train.batch_size")
+  check_resume(workdir, config, RESUME_FIELDS)
   workdir.mkdir(parents=True, exist_ok=True)
-  # the inputs first: a missing weights file or episode folder fails before config.json is (re)written
-  weights.require_sources(config, ("init.path",))
+  weights.require_sources(config, ("init.path",), kinds={"init.path": "idm"})
   sources = prepare_data(config, workdir)
-  if jax.process_index() == 0:
-    save_config(workdir, config)
   logging.info("IDM training on %d devices (%d hosts), process %d", jax.device_count(),
                jax.process_count(), jax.process_index())
   mesh = parallel.make_mesh(dict(config.mesh))
@@ -466,6 +499,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     tree, _ = ckpt.restore(target=_abstract(checkpoint_tree(model, opt, 0)))
     start = restore_into(tree, model, opt)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
+  if jax.process_index() == 0:  # once the run has started (or resumed): a failed start leaves the old one
+    save_config(workdir, config)
   writer = MetricWriter(workdir)
   total = int(t.num_steps)
   # stop_at splits a run into chunks (e.g. preemptible jobs); schedules still span num_steps.
@@ -613,6 +648,7 @@ def evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   from eva_jax.utils.plots import plot_joint_trajectories
   from eva_jax.utils.progress import progress
 
+  check_config(config)
   e = config.eval
   workdir = pathlib.Path(workdir)
   (workdir / "plots").mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_jax import parallel, weights
 from eva_jax.models.wan import zero_clip_features
+from eva_jax.models.wan.config import PRESETS as WAN_PRESETS
 from eva_jax.training.optim import make_optimizer
+from eva_jax.utils import checks
 
 Batch = Mapping[str, jax.Array]
 
@@ -349,6 +351,41 @@ class Conditioner:
 # MARK: train_and_evaluate
 build_wan_config = weights.dit_config  # config.model -> WanConfig
 
+# SFT's own fields (eva_jax/utils/checks.py has the ones every trainer shares): checked before anything runs.
+CONFIG_RULES = {
+    "model.preset": lambda v: None if v in WAN_PRESETS else f"a Wan preset, one of {sorted(WAN_PRESETS)}",
+    "model.num_layers": checks.integer(0),
+    "data.n_frames": checks.FRAMES_1_4K,
+    "data.height": checks.multiple_of(16),          # VAE stride 8 x DiT patch 2
+    "data.width": checks.multiple_of(16),
+    "data.fps": checks.number(0, lo_open=True),
+    "data.test_percentage": checks.fraction_below_one,
+    "data.max_text_tokens": checks.integer(1),
+    "data.num_workers": checks.integer(0),
+    "data.random_flip": checks.number(0, 1),
+    "data.trim_mode": checks.one_of("random_cut", "speedup"),
+    "data.pad_mode": checks.one_of("slowdown", "pad_last"),
+    "init.kind": checks.one_of("random", "orbax", "torch"),
+    "text.source": checks.one_of("cached", "synthetic"),
+    "clip.source": checks.one_of("online", "cached", "zeros"),
+    "diffusion.mode": checks.one_of("rand_history", "independent", "uniform"),
+    "diffusion.hist_len_choices": checks.int_tuple(lo=1),
+    "diffusion.clean_hist_prob": checks.number(0, 1),
+    "diffusion.shift": checks.number(0, lo_open=True),
+    "eval.sample_every": checks.integer(0),
+    "eval.num_videos": checks.integer(1),
+    "eval.sample_steps": checks.integer(2),
+}
+
+
+# The fields that shape the checkpoint: a run resumes only with the values it was started with.
+RESUME_FIELDS = ("model.preset", "model.num_layers", "model.scan_layers")
+
+
+def check_config(config) -> None:
+  checks.check(config, checks.COMMON, CONFIG_RULES)
+  checks.probabilities(config, "diffusion.hist_len_choices", "diffusion.hist_len_probs")
+
 
 def _data(config, split: str, train: bool, batch_size: int, seed: int):
   from eva_jax.data import metadata, video_dataset
@@ -358,7 +395,9 @@ def _data(config, split: str, train: bool, batch_size: int, seed: int):
                              ("clip_embed_path", d.load_clip_embed)) if on]
   records = metadata.load_records(d.data_root, d.metadata_path, split, d.test_percentage,
                                   dict(d.filtering), require=require)
-  loader = video_dataset.ExampleLoader(d.data_root, d, train=train)
+  # cached prompt embeddings must have the DiT's width: a cache made with another umT5 fails here, naming the row
+  text_dim = build_wan_config(config.model).text_dim if d.load_prompt_embed else None
+  loader = video_dataset.ExampleLoader(d.data_root, d, train=train, prompt_dim=text_dim)
   ds = video_dataset.make_dataset(records, loader, batch_size, seed=seed, train=train,
                                   num_workers=d.num_workers if train else 0)
   return records, ds
@@ -374,16 +413,18 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   from eva_jax.training.checkpoints import Checkpointer
   from eva_jax.utils.metrics import MetricWriter, fetch_finite
   from eva_jax.utils.progress import progress
-  from eva_jax.utils.rundir import save_config
+  from eva_jax.utils.rundir import check_resume, save_config
 
   workdir = Path(workdir)
-  # The inputs first: a missing weights file, a bad CSV or data root fails in a second, before any model is
-  # built or compiled and before the run directory's config.json is (re)written.
-  weights.require_sources(config, ("init.path", "vae.checkpoint", "clip.checkpoint"))
+  # The inputs first: a bad config value, a missing weights file, a bad CSV or data root fails in a second,
+  # before any model is built or compiled and before the run directory's config.json is (re)written.
+  check_config(config)
+  parallel.check_batch_split(config, "train.batch_size", *(["eval.batch_size"] if config.eval.every else []))
+  check_resume(workdir, config, RESUME_FIELDS)
+  weights.require_sources(config, ("init.path", "vae.checkpoint", "clip.checkpoint"),
+                          kinds={"init.path": "dit", "vae.checkpoint": "vae", "clip.checkpoint": "clip"})
   _, train_ds = _data(config, "training", True, config.train.batch_size, config.seed)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    save_config(workdir, config)
   logging.info("SFT on %d devices (%d hosts), process %d", jax.device_count(), jax.process_count(),
                jax.process_index())
   mesh = parallel.make_mesh(dict(config.mesh))
@@ -405,6 +446,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   else:
     state = trainer.init_state(config.seed, initial_params(config.init, wan_cfg, trainer))
+  if jax.process_index() == 0:  # once the run has started (or resumed): a failed start leaves the old one
+    save_config(workdir, config)
 
   total = config.train.num_steps
   last: dict[str, float] = {}

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from eva_jax import parallel, weights
 from eva_jax.models.vae import WanVAE, abstract_vae, vae_config
 from eva_jax.training.optim import make_optimizer, make_schedule
+from eva_jax.utils import checks
 
 
 # MARK: loss
@@ -199,7 +200,33 @@ def optim_config(config):
 
 
 # MARK: data
+# The VAE trainer's own fields beyond the clip-size rules below (eva_jax/utils/checks.py: the shared ones).
+CONFIG_RULES = {
+    "data.n_frames": checks.FRAMES_1_4K,                  # the VAE's temporal stride is 4
+    "data.train_frames": lambda v: None if v == 0 else checks.FRAMES_1_4K(v) and "0 (= n_frames) or 1 + 4k frames",
+    "data.height": checks.multiple_of(8),                 # its spatial stride is 8
+    "data.width": checks.multiple_of(8),
+    "data.crop_size": checks.multiple_of(8),
+    "data.fps": checks.number(0, lo_open=True),
+    "data.trim_mode": checks.one_of("random_cut", "speedup"),
+    "data.pad_mode": checks.one_of("slowdown", "pad_last"),
+    "data.test_percentage": checks.fraction_below_one,
+    "data.num_workers": checks.integer(0),
+    "loss.kl_weight": checks.number(0),
+}
+
+
 def _check_config(config) -> None:
+  checks.check(config, checks.COMMON, CONFIG_RULES)
+  d = config.data
+  size = int(d.crop_size)
+  if size > min(d.height, d.width):
+    raise checks.fail("data.crop_size", size, f"at most the frame size (data.height x data.width = "
+                                              f"{d.height}x{d.width})")
+
+
+def _check_inputs(config) -> None:
+  """The data and initial weights exist (before anything is built)."""
   d = config.data
   if not d.data_root:
     raise ValueError("config.data.data_root is empty: set it to the folder that holds the metadata CSV "
@@ -209,17 +236,7 @@ def _check_config(config) -> None:
     raise FileNotFoundError(f"config.data.data_root: {root} does not exist or is not a folder")
   if not (root / d.metadata_path).is_file():
     raise FileNotFoundError(f"config.data.metadata_path: no metadata CSV at {root / d.metadata_path}")
-  ts, ss = 4, 8  # temporal and spatial strides of every Wan VAE preset
-  for name in ("n_frames", "train_frames"):
-    n = int(d[name]) or int(d.n_frames)
-    if n < 1 or (n - 1) % ts:
-      raise ValueError(f"config.data.{name}={d[name]}: clips must have 1 + {ts}k frames (5, 9, 17, 33, 49)")
-  size = int(d.crop_size)
-  if d.height % ss or d.width % ss or size % ss:
-    raise ValueError(f"config.data: height {d.height}, width {d.width} and crop_size {size} must be "
-                     f"multiples of {ss}")
-  if size > min(d.height, d.width):
-    raise ValueError(f"config.data.crop_size={size} is larger than the frames ({d.height}x{d.width})")
+  weights.require_sources(config, ("init.path",), kinds={"init.path": "vae"})
 
 
 def _dataset(config, split: str, batch_size: int):
@@ -301,13 +318,14 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
   from eva_jax.training.checkpoints import Checkpointer
   from eva_jax.utils.metrics import MetricWriter, StepClock, fetch_finite
   from eva_jax.utils.progress import progress
-  from eva_jax.utils.rundir import save_config
+  from eva_jax.utils.rundir import check_resume, save_config
 
   _check_config(config)
   workdir = Path(workdir)
+  parallel.check_batch_split(config, "train.batch_size", *(["eval.batch_size"] if config.eval.every else []))
+  check_resume(workdir, config, ("vae.preset",))  # the field that shapes the checkpoint
+  _check_inputs(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    save_config(workdir, config)
   t = config.train
   mesh = parallel.make_mesh(dict(config.mesh))
   logging.info("VAE training on %d devices (%d hosts), process %d", jax.device_count(), jax.process_count(),
@@ -331,6 +349,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     if use_eval:  # the bar the training must clear
       init_val = {f"init_{k}": v for k, v in evaluate(config, trainer, state["params"]).items()}
       writer.write(0, init_val)
+  if jax.process_index() == 0:  # once the run has started (or resumed): a failed start leaves the old one
+    save_config(workdir, config)
 
   total = int(t.num_steps)
   stop = min(int(t.stop_at), total) if t.get("stop_at") else total  # schedules still span num_steps

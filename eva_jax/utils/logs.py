@@ -13,7 +13,7 @@ Verbosity (`--verbosity=N` or EVA_JAX_VERBOSITY=N; the flag wins):
   2            DEBUG as well.
 
 An error prints `error: <what went wrong> (traceback: <log file>)` as the last line on stderr and the
-process exits with status 1. The traceback goes to the run's log file, or, before a run directory
+process exits with status 1 (2 for a bad config value, eva_jax/utils/checks.py). The traceback goes to the run's log file, or, before a run directory
 exists, to a fresh file under $EVA_JAX_LOG_DIR (default ~/.cache/eva_jax/logs).
 """
 
@@ -44,6 +44,9 @@ class _State:
   file_handler: logging.Handler | None = None
   terminal_filter: logging.Filter | None = None
   saved_formatter: logging.Formatter | None = None
+  prog: str = "eva_jax"
+  late_log: pathlib.Path | None = None  # where library noise after the run's end goes (the last log file)
+  prev_unraisable: Callable | None = None
 
 
 _S = _State()
@@ -154,7 +157,25 @@ def setup(level: int | None = None) -> int:
     _quiet_tfds_progress()
   elif _S.saved_formatter is not None:
     handler.setFormatter(_S.saved_formatter)
+  if sys.unraisablehook is not _unraisable:
+    _S.prev_unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
   return _S.verbosity
+
+
+def _unraisable(args) -> None:
+  """Exceptions no code can catch, raised in library threads: after orbax abandons a read (a damaged
+  checkpoint, a resume that does not fit), tensorstore's callbacks hit its closed event loop and Python
+  prints dozens of 'RuntimeError: Event loop is closed' tracebacks, before and after our error line. At
+  verbosity 0 they go to the log file; the terminal keeps one line per error."""
+  if _S.verbosity >= 1:
+    (_S.prev_unraisable or sys.__unraisablehook__)(args)
+    return
+  try:
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    with open(_late_log(), "a", encoding="utf-8") as f:
+      f.write(f"\n{args.err_msg or 'Exception ignored'}: {getattr(args, 'object', None)!r}\n{text}")
+  except Exception:  # noqa: BLE001  nothing may escape an unraisable hook
+    pass
 
 
 # MARK: log file
@@ -195,6 +216,14 @@ def set_log_dir(run_dir: str | os.PathLike | None) -> pathlib.Path | None:
 
 def log_file() -> pathlib.Path | None:
   return pathlib.Path(_S.file_handler.baseFilename) if _S.file_handler is not None else None
+
+
+def _late_log() -> pathlib.Path:
+  """The run's log file, else the last one this process wrote, else a fresh fallback file."""
+  path = log_file() or _S.late_log
+  if path is None:
+    path = _S.late_log = _fallback_file(_S.prog)
+  return path
 
 
 def _fallback_file(prog: str) -> pathlib.Path:
@@ -245,9 +274,11 @@ def report(exc: BaseException, prog: str = "eva_jax") -> pathlib.Path:
     with open(path, "a", encoding="utf-8") as f:
       f.write(f"\n{datetime.datetime.now().isoformat()} error in {prog}:\n{text}")
   else:
-    path = _fallback_file(prog)
+    path = _S.late_log or _fallback_file(prog)
     if str(path) != os.devnull:
-      path.write_text(f"{' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
+      with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{' '.join(sys.argv)}\n\n{text}")
+  _S.late_log = path
   sys.stderr.flush()
   sys.stdout.flush()
   sys.stderr.write(f"\nerror: {describe(exc)} (traceback: {path})\n")
@@ -267,8 +298,10 @@ def _close_progress_bars() -> None:
 
 
 def guarded(main: Callable[[], object], prog: str = "eva_jax") -> int:
-  """Runs `main()`; returns its int result (0 for None). An exception is reported (one line) -> 1;
+  """Runs `main()`; returns its int result (0 for None). An exception is reported (one line) -> 1 (2 for
+  a ConfigError: a config field the code cannot run with);
   Ctrl-C -> 130. SystemExit passes through (the entry points' own usage errors)."""
+  _S.prog, _S.late_log = prog, None
   try:
     result = main()
   except KeyboardInterrupt:
@@ -278,8 +311,10 @@ def guarded(main: Callable[[], object], prog: str = "eva_jax") -> int:
   except Exception as exc:  # every error: one line on the terminal, the traceback in the file
     _close_progress_bars()
     report(exc, prog)
-    return 1
+    from eva_jax.utils.checks import ConfigError
+    return 2 if isinstance(exc, ConfigError) else 1  # a bad config value is a usage error, like a bad flag
   finally:
+    _S.late_log = log_file() or _S.late_log  # library noise after the end (at exit) goes there too
     set_log_dir(None)
     _S.active = False  # the entry point is done: later library calls in this process log nowhere new
   return result if isinstance(result, int) else 0

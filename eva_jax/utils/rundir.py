@@ -67,3 +67,42 @@ def save_config(run_dir: str | pathlib.Path, config) -> pathlib.Path:
   with atomic_path(path) as tmp:
     tmp.write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
   return path
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix.rstrip("."): tree}
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}."))
+  return out
+
+
+def check_resume(run_dir: str | pathlib.Path, config, fields: tuple[str, ...]) -> None:
+  """An existing run directory (config.json + numbered checkpoints) resumes only with a config whose
+  `fields` (those that shape the checkpoint: the model's preset, depth, widths) equal the ones it was started
+  with, and only from the same trainer. Checked before anything is built or written, so a mismatch fails in
+  a second naming the field, not as orbax's tree diff after compiling, and leaves the run as it was."""
+  from eva_jax.utils.checks import ConfigError
+  run_dir = pathlib.Path(run_dir)
+  saved_path, ckpts = run_dir / "config.json", run_dir / "checkpoints"
+  if not saved_path.is_file() or not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    return  # a new run, or one that never checkpointed: nothing to resume
+  try:
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{saved_path}: not a readable run config ({e}); this run directory cannot be resumed: "
+                     "pick a new --workdir") from None
+  new = _jsonable(config)
+  if not isinstance(saved, dict) or set(saved) != set(new):
+    theirs = set(saved) if isinstance(saved, dict) else set()
+    raise ValueError(f"--workdir {run_dir} holds a run of another trainer (its config.json has the sections "
+                     f"{sorted(theirs - set(new))} and lacks {sorted(set(new) - theirs)} of this one's): resume it "
+                     "with the trainer that wrote it, or pick a new --workdir")
+  before, now = _flat(saved), _flat(new)
+  for field in fields:
+    for key in sorted(k for k in set(before) | set(now) if k == field or k.startswith(field + ".")):
+      if before.get(key) != now.get(key):
+        raise ConfigError(f"config.{key}={now.get(key)!r}: expected {before.get(key)!r}, the value the run in "
+                          f"{run_dir} was started with (its checkpoints fit only that model; see {saved_path}): "
+                          "pass that value to resume it, or a new --workdir to start another run")
