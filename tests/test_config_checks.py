@@ -142,6 +142,23 @@ def test_resume_with_another_config_changes_nothing(tmp_path, capsys, module, ar
                                                                              "eva_jax.log"]
 
 
+def test_resume_tolerates_a_section_added_by_a_newer_eva_jax(tmp_path):
+  import json
+  from configs import sft as sft_config
+  from eva_jax.utils.rundir import check_resume
+  config = sft_config.get_config("tiny")
+  run = _run_dir(tmp_path, "configs.sft")
+  saved = json.loads((run / "config.json").read_text())
+  saved["retired_section"] = {"x": 1}
+  del saved["text"]                                   # one section gone, one new: still this trainer's run
+  (run / "config.json").write_text(json.dumps(saved))
+  check_resume(run, config, ("model.preset",))
+  saved.pop("diffusion")                              # a third difference: another trainer
+  (run / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="holds a run of another trainer"):
+    check_resume(run, config, ("model.preset",))
+
+
 def test_restore_that_does_not_fit_is_one_line(tmp_path):
   import jax
   import numpy as np

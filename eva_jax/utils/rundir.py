@@ -78,6 +78,9 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+MAX_SECTIONS_CHANGED = 2
+
+
 def check_resume(run_dir: str | pathlib.Path, config, fields: tuple[str, ...]) -> None:
   """An existing run directory (config.json + numbered checkpoints) resumes only with a config whose
   `fields` (those that shape the checkpoint: the model's preset, depth, widths) equal the ones it was started
@@ -94,8 +97,10 @@ def check_resume(run_dir: str | pathlib.Path, config, fields: tuple[str, ...]) -
     raise ValueError(f"{saved_path}: not a readable run config ({e}); this run directory cannot be resumed: "
                      "pick a new --workdir") from None
   new = _jsonable(config)
-  if not isinstance(saved, dict) or set(saved) != set(new):
-    theirs = set(saved) if isinstance(saved, dict) else set()
+  theirs = set(saved) if isinstance(saved, dict) else set()
+  # Trainers' configs differ in four or more sections (sft/grpo: 8, idm/vae: 5); a run of this trainer made
+  # by an older or newer eva_jax may differ in one or two (a section added or retired) and still resumes.
+  if len(theirs ^ set(new)) > MAX_SECTIONS_CHANGED:
     raise ValueError(f"--workdir {run_dir} holds a run of another trainer (its config.json has the sections "
                      f"{sorted(theirs - set(new))} and lacks {sorted(set(new) - theirs)} of this one's): resume it "
                      "with the trainer that wrote it, or pick a new --workdir")
