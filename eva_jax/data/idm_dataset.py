@@ -278,7 +278,8 @@ def train_loader(windows, *, batch_size: int, seed: int, start_step: int = 0, nu
                  num_threads: int = 4, prefetch: int = 2) -> Iterable[dict[str, np.ndarray]]:
   """Iterator of training batches; decoding runs in `num_workers` processes (0 = in this process)."""
   ds = train_dataset(windows, batch_size=batch_size, seed=seed, start_step=start_step)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size))
+  # the iterator's elements are whole batches, so grain's buffer counts batches: `prefetch` of them ahead
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(num_threads, prefetch), prefetch_buffer_size=prefetch))
   if num_workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():
@@ -292,4 +293,4 @@ def train_loader(windows, *, batch_size: int, seed: int, start_step: int = 0, nu
 def eval_batches(windows, *, batch_size: int, num_threads: int = 4) -> Iterable[dict[str, np.ndarray]]:
   """Every window once, in order; the last batch may be short."""
   ds = grain.MapDataset.source(windows).batch(batch_size, drop_remainder=False)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads))

@@ -35,7 +35,9 @@ def _tiny(args) -> dict:
   from eva_jax.training import grpo
   from eva_jax.training.checkpoints import Checkpointer
 
-  iters = max(int(getattr(args, "iters", 3) or 3), 2) + 1     # the first iteration compiles
+  # the first iteration compiles; --quick (the suite's smoke run) times one more, else at least two
+  timed = int(getattr(args, "iters", 3) or 3)
+  iters = (max(timed, 1) if getattr(args, "quick", False) else max(timed, 2)) + 1
   with tempfile.TemporaryDirectory() as tmp:
     idm = IDM(idm_config("tiny"), rngs=nnx.Rngs(0))
     idm.eval()

@@ -84,7 +84,8 @@ def run(size: str, args) -> dict:
   on_gpu = jax.devices()[0].platform == "gpu"
   dtype = getattr(args, "dtype", None) or ("bfloat16" if on_gpu else "float32")
   frames, height, width = _video_size(size, args)
-  steps = int(getattr(args, "steps", 0) or 40)
+  # --quick (the suite's smoke run): 8 steps show the loop and its timing as well as 40
+  steps = int(getattr(args, "steps", 0) or (8 if getattr(args, "quick", False) else 40))
   iters = max(1, min(int(getattr(args, "iters", 1) or 1), 3))
   tiny = size == "tiny"
   cache = not getattr(args, "no_context_kv_cache", False)
