@@ -205,14 +205,21 @@ class SFTTrainer:
                    param_norm=optax.tree.norm(params))
     return new, metrics
 
-  def train_step(self, state, batch):
-    """(state, batch) -> (state, metrics); batch arrays must already be global jax.Arrays."""
+  def _jitted_train_step(self, batch):
     if self._train_step is None:
       self._train_step = jax.jit(
           self._train_step_impl,
           in_shardings=(self.state_shardings, self.batch_shardings(batch)),
           out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    return self._train_step(state, batch)
+    return self._train_step
+
+  def train_step(self, state, batch):
+    """(state, batch) -> (state, metrics); batch arrays must already be global jax.Arrays."""
+    return self._jitted_train_step(batch)(state, batch)
+
+  def compile_train_step(self, state, batch):
+    """train_step compiled ahead of time for these shapes: call it as train_step, or read its memory_analysis()."""
+    return self._jitted_train_step(batch).lower(state, batch).compile()
 
   def eval_loss(self, params, batch, key):
     """Loss with the given key (deterministic validation)."""
