@@ -224,16 +224,20 @@ class WindowSource(grain.sources.RandomAccessDataSource if hasattr(grain, "sourc
   def __len__(self) -> int:
     return len(self.records) if self.indices is None else len(self.indices)
 
-  def frame_indices(self, i: int) -> tuple[int, np.ndarray]:
-    """(record position of window i's centre, the episode-local frame indices of its frames)."""
+  def _centre(self, i: int):
     pos = int(i) if self.indices is None else int(self.indices[int(i)])
     rec = self.records[pos]
     n, idx = int(rec["episode_length"]), int(rec["index"])
-    return pos, np.clip(idx + self.offsets, 0, n - 1)
+    return pos, rec, np.clip(idx + self.offsets, 0, n - 1)
+
+  def frame_indices(self, i: int) -> tuple[int, np.ndarray]:
+    """(record position of window i's centre, the episode-local frame indices of its frames)."""
+    pos, _, frame_idx = self._centre(i)
+    return pos, frame_idx
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    pos, frame_idx = self.frame_indices(i)
-    rec = self.records[pos]
+    # Each record read parses a stored example (most of a window's cost): the centre is read once.
+    _, rec, frame_idx = self._centre(i)
     start, idx = int(rec["episode_start"]), int(rec["index"])
     frames = []
     for t in frame_idx:

@@ -47,7 +47,7 @@ def decode_frame(data: bytes, *, path: str | os.PathLike = "<bytes>", index: int
   """JPEG bytes as stored by RoboTwin -> uint8 [H, W, 3] in the recorder's RGB order."""
   try:
     with Image.open(io.BytesIO(bytes(data))) as im:
-      arr = np.asarray(im.convert("RGB"))
+      arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
   except Exception as e:  # PIL raises several types for corrupt data
     raise ValueError(f"{path}: frame {index} is not a decodable JPEG ({len(data)} bytes): "
                      f"{' '.join(str(e).split())}") from e
