@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # for minutes, strips it (tests/test_demo.py).
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# XLA:CPU's MLIR fusion emitters take about twice as long to compile a small program as the older
+# elemental emitters (a random-normal init: 190 -> 80 ms; the DiT/VAE/sampler test files: 212 -> 114 CPU-s),
+# and the suite compiles some 3,000 programs. Same tolerances pass either way; the shortened demo strips it.
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
 import jax  # noqa: E402
 

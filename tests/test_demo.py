@@ -155,9 +155,9 @@ def test_data_stage_and_report(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_shortened_demo_run(tmp_path):
   # Exactly what a user runs (`make demo DEMO_ARGS=--config=configs/demo.py:short`): a process of its own
-  # on one CPU device with XLA's default optimisation, not the suite's 8 fake devices and -O0
-  # (tests/conftest.py), so its numbers are those of docs/demo.md.
-  suite_only = r"--xla_(force_host_platform_device_count|backend_optimization_level)=\d+"
+  # on one CPU device with XLA's default compiler settings, not the suite's 8 fake devices, -O0 and older
+  # fusion emitters (tests/conftest.py), so its numbers are those of docs/demo.md.
+  suite_only = r"--xla_(force_host_platform_device_count|backend_optimization_level|cpu_use_fusion_emitters)=\w+"
   env = dict(os.environ, XLA_FLAGS=re.sub(suite_only, "", os.environ.get("XLA_FLAGS", "")))
   proc = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--config=configs/demo.py:short",
                          f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
