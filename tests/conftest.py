@@ -25,8 +25,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # The longest files first, and in a file its `slow` tests first. `make test` runs `--dist loadfile
 # --no-loadscope-reorder`, so xdist hands the files to its two workers in this order: the shortened demo
-# (9.4 min alone) starts at once on one worker, which takes no other file until it is done (xdist queues
-# more only when a worker has 2 tests left), while the other worker takes the rest, longest first.
+# (8-10 min, the suite's longest path) starts at once on one worker, which takes no other file until it is
+# done (xdist queues more only when a worker has 2 tests left), while the other worker takes the rest,
+# longest first.
 SLOWEST_FILES = ("test_demo.py", "test_bench.py", "test_multihost.py", "test_train_vae.py")
 
 
