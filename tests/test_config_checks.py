@@ -40,6 +40,8 @@ CASES = {
     "sft_dtype": (SFT, "--config.model.dtype=float33", "config.model.dtype='float33': expected one of"),
     "sft_preset": (SFT, "--config.model.preset=nope", "config.model.preset='nope': expected a Wan preset"),
     "sft_fraction": (SFT, "--config.data.test_percentage=2.0", "config.data.test_percentage=2.0: expected a number in [0, 1)"),
+    "sft_attention": (SFT, "--config.model.attention=flash", "config.model.attention='flash': expected one of"),
+    "grpo_attention": (GRPO, "--config.model.attention=splash:1,2", "config.model.attention='splash:1,2': expected"),
     "sft_batch_split": (SFT, "--config.train.batch_size=3", "config.train.batch_size=3: expected a batch that splits over "
                                                            "the 8 devices"),
     "idm_image_size": (IDM, "--config.model.image_size=abc", "config.model.image_size=('abc',): expected 2 integers"),

@@ -151,7 +151,7 @@ def test_checkpoint_loads_through_sft_and_grpo(full_run, data_root):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_resumed_run_equals_uninterrupted(full_run, data_root, tmp_path):
+def test_resumed_run_equals_uninterrupted(full_run, data_root, tmp_path, caplog):
   workdir, _ = full_run
   train_vae.train_and_evaluate(_config(data_root, stop_at=8), tmp_path)   # killed after 8 steps
   assert int(_state(tmp_path, 8)["step"]) == 8
@@ -161,6 +161,11 @@ def test_resumed_run_equals_uninterrupted(full_run, data_root, tmp_path):
   loss_at = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r}  # noqa: E731
   assert loss_at(tmp_path)[10] == loss_at(workdir)[10]
   assert read_metrics(tmp_path)[0]["init_val_mse"] == read_metrics(workdir)[0]["init_val_mse"]
+  # A resume with fewer steps than the run already made trains nothing and says so; the checkpoints stay.
+  train_vae.train_and_evaluate(_config(data_root, num_steps=10), tmp_path)
+  assert any("already at step 15 and config.train.num_steps=10: nothing left to train" in r.getMessage()
+             for r in caplog.records if r.levelname == "WARNING"), caplog.text
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 15
 
 
 def test_bad_data_path_is_named(tmp_path):

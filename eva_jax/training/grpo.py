@@ -43,7 +43,7 @@ from eva_jax.rl.rollout import RolloutConfig, make_rollout_fn
 from eva_jax.training.checkpoints import Checkpointer
 from eva_jax.models.wan.config import PRESETS as WAN_PRESETS
 from eva_jax.training.optim import make_optimizer
-from eva_jax.utils import checks
+from eva_jax.utils import checks, rundir
 from eva_jax.utils.metrics import MetricWriter
 from eva_jax.utils.progress import progress
 from eva_jax.utils.rundir import check_resume, save_config
@@ -336,6 +336,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     restored, meta = ckpt.restore(target=target)
     lora, opt_state = _unflat(restored["lora"], lora), _unflat(restored["opt"], opt_state)
     start = int(meta.get("iteration", ckpt.latest_step()))
+    rundir.log_resume(ckpt.directory, start, config.num_iterations, "num_iterations")
   save_config(workdir, config)  # once the run has started (or resumed): a failed start leaves the old one
 
   table = starts = None

@@ -46,7 +46,7 @@ from eva_jax.data import idm_dataset, robotwin
 from eva_jax.data.idm_transforms import FrameTransform
 from eva_jax.models import idm as idm_lib
 from eva_jax.parallel.sharding import named_sharding, state_shardings
-from eva_jax.utils import checks
+from eva_jax.utils import checks, rundir
 
 FLIP_NEGATE_DIMS = (0, 4, 5, 7, 11, 12)
 
@@ -498,7 +498,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
   if t.resume and ckpt.latest_step() is not None:
     tree, _ = ckpt.restore(target=_abstract(checkpoint_tree(model, opt, 0)))
     start = restore_into(tree, model, opt)
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    rundir.log_resume(ckpt.directory, start, t.num_steps)
   if jax.process_index() == 0:  # once the run has started (or resumed): a failed start leaves the old one
     save_config(workdir, config)
   writer = MetricWriter(workdir)

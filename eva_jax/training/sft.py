@@ -35,7 +35,7 @@ from eva_jax import parallel, weights
 from eva_jax.models.wan import zero_clip_features
 from eva_jax.models.wan.config import PRESETS as WAN_PRESETS
 from eva_jax.training.optim import make_optimizer
-from eva_jax.utils import checks
+from eva_jax.utils import checks, rundir
 
 Batch = Mapping[str, jax.Array]
 
@@ -450,7 +450,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     start = int(jax.device_get(state["step"]))
     if "data_iter" in meta:
       data_iter.set_state(meta["data_iter"])
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    rundir.log_resume(ckpt.directory, start, config.train.num_steps)
   else:
     state = trainer.init_state(config.seed, initial_params(config.init, wan_cfg, trainer))
   if jax.process_index() == 0:  # once the run has started (or resumed): a failed start leaves the old one

@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from eva_jax import parallel, weights
 from eva_jax.models.vae import WanVAE, abstract_vae, vae_config
 from eva_jax.training.optim import make_optimizer, make_schedule
-from eva_jax.utils import checks
+from eva_jax.utils import checks, rundir
 
 
 # MARK: loss
@@ -343,7 +343,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     start = int(jax.device_get(state["step"]))
     data_iter.set_state(meta["data_iter"])
     init_val = dict(meta.get("init_val", {}))
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    rundir.log_resume(ckpt.directory, start, t.num_steps)
   else:
     state = trainer.init_state(initial_params(config, trainer))
     if use_eval:  # the bar the training must clear

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -111,3 +112,11 @@ def check_resume(run_dir: str | pathlib.Path, config, fields: tuple[str, ...]) -
         raise ConfigError(f"config.{key}={now.get(key)!r}: expected {before.get(key)!r}, the value the run in "
                           f"{run_dir} was started with (its checkpoints fit only that model; see {saved_path}): "
                           "pass that value to resume it, or a new --workdir to start another run")
+
+
+def log_resume(checkpoints: str | pathlib.Path, step: int, total: int, field: str = "train.num_steps") -> None:
+  """Logs a resume; warns when the run already reached `total` (config.`field`), where nothing is trained."""
+  logging.info("resumed from %s at step %d", checkpoints, step)
+  if step >= total:
+    logging.warning("the run in %s is already at step %d and config.%s=%d: nothing left to train (raise "
+                    "config.%s to continue it)", checkpoints, step, field, total, field)
