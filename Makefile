@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-demo: install  ## the full built-in demo (9.5 min on 2 idle CPU cores of a fast machine, up to 2x on a slow one); DEMO_ARGS=--config=configs/demo.py:short for the shortened one the tests run (8 min on a fast machine)
+demo: install  ## the full built-in demo (10 min on 2 idle CPU cores, up to 2x on a slow machine); DEMO_ARGS=--config=configs/demo.py:short for the shortened one the tests run (7 min)
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 test: install-test

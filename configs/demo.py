@@ -1,7 +1,7 @@
 """The built-in end-to-end demo on the procedural toy world (`make demo`).
 
   python scripts/demo.py                                   # full demo, ≤ 15 min on 2 CPU cores
-  python scripts/demo.py --config=configs/demo.py:short    # the shortened run the tests use (8 min)
+  python scripts/demo.py --config=configs/demo.py:short    # the shortened run the tests use (7 min)
   python scripts/demo.py --config.short=True --config.seed=1 --workdir=outputs/demo
 
 Stages: toy data → tiny VAE fitted to the toy frames (configs/vae.py:tiny) → IDM (configs/idm.py:tiny)
@@ -56,8 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Trust region: EVA's (clip 1e-5; configs/grpo.py:tiny lr 1e-3, 2 inner epochs) is sized for 100
   # epochs of a 14B model; on the toy DiT it leaves the policy where SFT put it (approx_kl ~1e-10, flat
   # reward). lr 1e-2, clip 1e-2 and EVA's 4 inner epochs move it within the demo's minutes: on the full
-  # demo (17 frames) the reward rose +0.25 ± 0.03, +0.79 ± 0.05 and +0.68 ± 0.04 (seeds 0, 1, 2), last
-  # quarter vs first, and the aligned samples still show the arms. 4 sampling steps (EVA: 40) keep an
+  # demo (17 frames) the reward rose +0.24 ± 0.03 (seed 0), +0.79 ± 0.05 and +0.68 ± 0.04 (seeds 1, 2, with
+  # 257 zero CLIP tokens), last quarter vs first, and the aligned samples still show the arms. 4 sampling steps (EVA: 40) keep an
   # iteration at ~5.6 s on 2 cores; 24 iterations of 32 rollouts (16 of each of 2 first frames) lift
   # the rise above the rollout noise (with 8 rollouts it was lost on some seeds).
   # timestep_fraction 1: EVA trains 39 of 40 steps; int(0.99·4) would leave the last step untrained.
