@@ -32,6 +32,7 @@ from flax import nnx
 
 from eva_jax import weights
 from eva_jax.data.metadata import read_csv_rows
+from eva_jax.models.wan.attention import backend_rule
 from eva_jax.utils import checks
 
 IMAGE_CSV_COLUMNS = ("image_path", "height", "width", "fps", "n_frames", "caption")
@@ -166,6 +167,7 @@ CKPT_FIELDS = tuple(f"ckpt.{k}" for k in ("dit", "tuned", "vae", "clip", "umt5",
 # steps and solver in SamplerConfig); eva_jax/serving.py adds the server's.
 CONFIG_RULES = {
     "fps": checks.number(0, lo_open=True),
+    "model.attention": backend_rule,
     "data.batch_size": checks.integer(1),
     "data.limit": checks.integer(0),
     "data.resize": checks.one_of("stretch", "crop", "pad"),

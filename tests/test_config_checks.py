@@ -54,6 +54,7 @@ CASES = {
     "grpo_split": (GRPO, "--config.sample.group_size=3", "config.sample.group_size=3: expected a batch (6 in all) "
                                                         "that splits over the 8 devices"),
     "infer_batch": (INFER, "--config.data.batch_size=0", "config.data.batch_size=0: expected an integer >= 1"),
+    "infer_attention": (INFER, "--config.model.attention=flash", "config.model.attention='flash': expected one of"),
     "infer_fps": (INFER, "--config.fps=0", "config.fps=0: expected a finite number > 0"),
     "eval_idm_stride": (EVAL, "--config.data.stride=0", "config.data.stride=0: expected an integer >= 1"),
 }

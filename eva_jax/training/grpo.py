@@ -41,6 +41,7 @@ from eva_jax.rl import grpo as grpo_lib
 from eva_jax.rl import reward as reward_lib
 from eva_jax.rl.rollout import RolloutConfig, make_rollout_fn
 from eva_jax.training.checkpoints import Checkpointer
+from eva_jax.models.wan.attention import backend_rule
 from eva_jax.models.wan.config import PRESETS as WAN_PRESETS
 from eva_jax.training.optim import make_optimizer
 from eva_jax.utils import checks, rundir
@@ -255,6 +256,7 @@ def _programs(config_json: str, gdef, vae_gdef, idm_gdef, mesh):
 CONFIG_RULES = {
     "num_iterations": checks.integer(1),
     "model.preset": lambda v: None if v in WAN_PRESETS else f"a Wan preset, one of {sorted(WAN_PRESETS)}",
+    "model.attention": backend_rule,
     "model.num_layers": checks.integer(0),
     "model.lora_rank": checks.integer(1),
     "model.lora_alpha": checks.number(0, lo_open=True),

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_jax import parallel, weights
 from eva_jax.models.wan import zero_clip_features
+from eva_jax.models.wan.attention import backend_rule
 from eva_jax.models.wan.config import PRESETS as WAN_PRESETS
 from eva_jax.training.optim import make_optimizer
 from eva_jax.utils import checks, rundir
@@ -361,6 +362,7 @@ build_wan_config = weights.dit_config  # config.model -> WanConfig
 # SFT's own fields (eva_jax/utils/checks.py has the ones every trainer shares): checked before anything runs.
 CONFIG_RULES = {
     "model.preset": lambda v: None if v in WAN_PRESETS else f"a Wan preset, one of {sorted(WAN_PRESETS)}",
+    "model.attention": backend_rule,
     "model.num_layers": checks.integer(0),
     "data.n_frames": checks.FRAMES_1_4K,
     "data.height": checks.multiple_of(16),          # VAE stride 8 x DiT patch 2

@@ -95,16 +95,6 @@ def MESH_SIZE(v):  # noqa: N802
   return None if _is_int(v) and (v == -1 or v >= 1) else "an integer >= 1, or -1 for the remaining devices"
 
 
-def ATTENTION(v):  # noqa: N802
-  """A DiT attention backend as parse_backend reads it ('auto', 'xla', ..., 'splash:BQ,BKV,BKVC')."""
-  from eva_jax.models.wan.attention import BACKENDS, parse_backend
-  try:
-    parse_backend(v)
-    return None
-  except (ValueError, AttributeError, TypeError):
-    return f"one of {list(BACKENDS)}, or 'splash:BQ,BKV,BKVC' (block sizes)"
-
-
 DTYPE = one_of("float32", "bfloat16", "float16")
 # Compute and parameter dtypes of every model section that has them.
 DTYPES: dict[str, Rule] = {f"{section}.{name}": DTYPE for section in ("model", "vae", "clip", "umt5")
@@ -122,7 +112,6 @@ COMMON: dict[str, Rule] = {
     "train.stop_at": integer(0),
     "train.ema_decay": fraction_below_one,
     "model.remat": one_of("none", "full", "dots", "offload"),
-    "model.attention": ATTENTION,
     "optim.name": one_of("adamw", "adam", "sgd"),
     "optim.schedule": one_of("constant", "constant_with_warmup", "cosine"),
     "optim.learning_rate": number(0),

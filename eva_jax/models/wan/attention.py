@@ -83,6 +83,16 @@ def parse_backend(spec: str) -> tuple[str, tuple[int, ...] | None]:
   return name, blocks
 
 
+def backend_rule(spec) -> str | None:
+  """config.model.attention's rule (eva_jax.utils.checks): None for a spec parse_backend reads, else what
+  was expected."""
+  try:
+    parse_backend(spec)
+    return None
+  except (ValueError, AttributeError, TypeError):
+    return f"one of {list(BACKENDS)}, or 'splash:BQ,BKV,BKVC' (block sizes)"
+
+
 def canonical_platform(platform: str) -> str:
   """jax platform names to 'gpu' | 'tpu' | 'cpu' ('cuda' and 'rocm' are GPUs)."""
   platform = platform.lower()
