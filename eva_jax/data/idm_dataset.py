@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from eva_jax.data import robotwin
+from eva_jax.data import robotwin, video_dataset
 from eva_jax.utils.files import atomic_path
 
 DATASET_NAME = "robotwin_idm"
@@ -282,8 +282,7 @@ def train_loader(windows, *, batch_size: int, seed: int, start_step: int = 0, nu
                  num_threads: int = 4, prefetch: int = 2) -> Iterable[dict[str, np.ndarray]]:
   """Iterator of training batches; decoding runs in `num_workers` processes (0 = in this process)."""
   ds = train_dataset(windows, batch_size=batch_size, seed=seed, start_step=start_step)
-  # the iterator's elements are whole batches, so grain's buffer counts batches: `prefetch` of them ahead
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(num_threads, prefetch), prefetch_buffer_size=prefetch))
+  it = ds.to_iter_dataset(video_dataset.read_options(prefetch, max_threads=num_threads))
   if num_workers > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():

@@ -267,7 +267,8 @@ def make_dataset(records, loader: ExampleLoader, batch_size: int, *, seed: int =
   return it
 
 
-def read_options(prefetch: int) -> grain.ReadOptions:
-  """Reading `prefetch` batches ahead in as many threads. Elements of the iterator are whole batches (the
-  MapDataset is batched before it is read), so grain's buffer counts batches, not examples."""
-  return grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=max(1, prefetch))
+def read_options(prefetch: int, max_threads: int | None = None) -> grain.ReadOptions:
+  """Reading `prefetch` batches ahead in as many threads (at most max_threads). Elements of the iterator are
+  whole batches (the MapDataset is batched before it is read), so grain's buffer counts batches, not examples."""
+  prefetch = max(1, prefetch)
+  return grain.ReadOptions(num_threads=min(prefetch, max_threads or prefetch), prefetch_buffer_size=prefetch)

@@ -13,6 +13,7 @@ checkpoint stays the newest.
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 from typing import Any, Mapping
@@ -53,9 +54,7 @@ def _abstract(tree):
   return jax.tree.map(one, tree)
 
 
-_ARRAY_HANDLER_SET = False
-
-
+@functools.cache
 def _whole_replica_saves_on_cpu() -> None:
   """On CPU, each replicated array is written whole by its first replica (orbax's choice on GPU too).
 
@@ -63,11 +62,9 @@ def _whole_replica_saves_on_cpu() -> None:
   program per array shape: on CPU devices (the demo, tests, 8 fake devices) those compiles cost seconds
   per first save (a 30-step toy VAE run: 160 slice programs, 12 s of a 65 s run) and the parallel
   writes gain nothing. TPU keeps orbax's default. Same files either way; restores are unaffected."""
-  global _ARRAY_HANDLER_SET
-  if not _ARRAY_HANDLER_SET and jax.default_backend() == "cpu":
+  if jax.default_backend() == "cpu":
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
-  _ARRAY_HANDLER_SET = True
 
 
 class Checkpointer:

@@ -44,10 +44,10 @@ from eva_jax.training.checkpoints import Checkpointer
 from eva_jax.models.wan.attention import backend_rule
 from eva_jax.models.wan.config import PRESETS as WAN_PRESETS
 from eva_jax.training.optim import make_optimizer
-from eva_jax.utils import checks, rundir
+from eva_jax.utils import checks
 from eva_jax.utils.metrics import MetricWriter
 from eva_jax.utils.progress import progress
-from eva_jax.utils.rundir import check_resume, save_config
+from eva_jax.utils.rundir import check_resume, log_resume, save_config
 
 PENALTY_TERMS = ("jerk", "acc", "vlim", "alim", "total")
 
@@ -338,7 +338,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, float]:
     restored, meta = ckpt.restore(target=target)
     lora, opt_state = _unflat(restored["lora"], lora), _unflat(restored["opt"], opt_state)
     start = int(meta.get("iteration", ckpt.latest_step()))
-    rundir.log_resume(ckpt.directory, start, config.num_iterations, "num_iterations")
+    log_resume(ckpt.directory, start, config.num_iterations, "num_iterations")
   save_config(workdir, config)  # once the run has started (or resumed): a failed start leaves the old one
 
   table = starts = None
